@@ -1,0 +1,160 @@
+//! Background tasks that run after the response, for any tower-based HTTP
+//! server: FastAPI's `BackgroundTasks`, for axum, hyper and tonic.
+//!
+//! A handler queues work (send the welcome email, refresh a cache, write
+//! analytics), returns its response at once, and the work runs afterwards on
+//! the tokio runtime, once the response body has been sent.
+//! [`BackgroundLayer`] puts a per-request [`BackgroundTasks`] queue into every
+//! request's extensions and wraps the response body in a
+//! [`BackgroundBody`] that starts the queued tasks when it ends.
+//!
+//! Compared with `tokio::spawn` in the handler, tasks wait for the response
+//! to be delivered, keep their order, are counted and logged with the
+//! request's method and path, survive a client that disconnects, are
+//! discarded when the request fails before it has a response, and are
+//! drained by a graceful [`shutdown`](BackgroundHandle::shutdown).
+//!
+//! # Example
+//!
+//! ```
+//! use std::convert::Infallible;
+//! use http::{Request, Response};
+//! use http_body_util::{BodyExt, Full};
+//! use tower::{service_fn, ServiceBuilder, ServiceExt};
+//! use tower_background::{BackgroundLayer, BackgroundTasks};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let layer = BackgroundLayer::new();
+//! let handle = layer.handle();
+//! let (sent_tx, sent_rx) = tokio::sync::oneshot::channel();
+//! let sent_tx = std::sync::Mutex::new(Some(sent_tx));
+//!
+//! let svc = ServiceBuilder::new().layer(layer).service_fn(move |req: Request<Full<bytes::Bytes>>| {
+//!     let tasks = req.extensions().get::<BackgroundTasks>().unwrap().clone();
+//!     let sent_tx = sent_tx.lock().unwrap().take();
+//!     async move {
+//!         tasks.add(async move {
+//!             // send the welcome email...
+//!             let _ = sent_tx.unwrap().send("email sent");
+//!         });
+//!         Ok::<_, Infallible>(Response::new(Full::<bytes::Bytes>::from("registered")))
+//!     }
+//! });
+//!
+//! let res = svc.oneshot(Request::new(Full::default())).await.unwrap();
+//! let body = res.into_body().collect().await.unwrap().to_bytes(); // the task starts here
+//! assert_eq!(body, "registered");
+//! assert_eq!(sent_rx.await.unwrap(), "email sent");
+//! handle.wait_idle().await;
+//! assert_eq!(handle.stats().completed, 1);
+//! # }
+//! ```
+//!
+//! # When tasks run
+//!
+//! Tasks queued during a request start when its response body reaches its
+//! end of stream: `poll_frame` returns `None`, or the body reports
+//! [`is_end_stream`](http_body::Body::is_end_stream) after a frame (servers
+//! stop polling a finished body). Never before: a streaming body's tasks
+//! wait for its last chunk. A body dropped without ever being polled (HEAD
+//! requests, 204 and 304 responses) counts as finished, with
+//! [`Outcome::NoBody`]. Tasks run on spawned tokio tasks, so they never
+//! delay the response, nor the next request on a keep-alive connection;
+//! [`add_blocking`](BackgroundTasks::add_blocking) runs a synchronous closure
+//! on tokio's blocking pool.
+//!
+//! Tasks run on the tokio runtime of the thread that added the first task
+//! of the request (the one serving it), even if the body is dropped on a
+//! thread outside any runtime.
+//!
+//! # Ordering
+//!
+//! With [`Execution::Sequential`] (the default, FastAPI's behaviour) a
+//! request's tasks run one after another in the order they were added.
+//! With [`Execution::Concurrent`] they all start together. Tasks of
+//! different requests are independent, and
+//! [`max_concurrent_tasks`](BackgroundLayer::max_concurrent_tasks) caps how
+//! many of the layer's tasks run at once (the others wait in FIFO order).
+//!
+//! A task added after its request's tasks were started (from a clone of the
+//! queue moved into a spawned future) still runs: behind the running
+//! sequence, or on its own if the sequence has ended.
+//!
+//! # Aborted responses and failed requests
+//!
+//! | what happened | `add`, `add_blocking` | `add_with` |
+//! |---|---|---|
+//! | the body finished, or was dropped unpolled | run | run, see `Finished` / `NoBody` |
+//! | the body was dropped mid-stream (client gone) or yielded an error | run (discarded with [`run_on_abort(false)`](BackgroundLayer::run_on_abort)) | run, see `Aborted` / `BodyError` |
+//! | the inner service returned `Err`, or the response future was dropped | discarded | discarded |
+//!
+//! Work the handler committed to is not lost because a client went away.
+//! After-effects of a request that never produced a response do not fire;
+//! each such request logs one warn-level event saying how many tasks it
+//! discarded and why. Every response the inner service returns, whatever
+//! its status, runs its tasks: use [`add_with`](BackgroundTasks::add_with)
+//! and [`Completion::status`] to decide per task.
+//!
+//! # Failures
+//!
+//! A task that returns `Err` or panics is logged at error level (with the
+//! error's `Display` text or the panic message) and counted; the tasks after
+//! it still run, and the server is unaffected. With
+//! [`task_timeout`](BackgroundLayer::task_timeout), a task that outlives its
+//! deadline is dropped, logged at warn level and counted, and the next task
+//! runs.
+//!
+//! # Tracing
+//!
+//! Each task runs inside an INFO span named `background_task` with the
+//! request's `method` and `path`. It is a root span that *follows from* the
+//! span that was current when the task was added, so its logs correlate
+//! with the request without keeping the request's span open. The span is
+//! created when the task is added, so its duration includes the wait for
+//! the response.
+//!
+//! # Counting and graceful shutdown
+//!
+//! [`BackgroundLayer::handle`] returns a [`BackgroundHandle`]. Its
+//! [`stats`](BackgroundHandle::stats) count every task, which ends in exactly
+//! one of completed, failed, panicked, timed out, discarded or cancelled;
+//! [`wait_idle`](BackgroundHandle::wait_idle) waits until nothing is pending
+//! or running (use it in tests instead of sleeps), and
+//! [`shutdown`](BackgroundHandle::shutdown) drains the tasks for a grace
+//! period after the server's own graceful shutdown, then cancels the rest.
+//!
+//! # Cost
+//!
+//! A request that adds no task costs one allocation (its queue) and one
+//! atomic operation when its body ends: no lock, no spawn. Each task costs
+//! one allocation, and each request that has tasks one spawn (one per task
+//! with [`Execution::Concurrent`]). [`BackgroundBody`] adds no allocation per
+//! frame.
+//!
+//! # Feature flags
+//!
+//! | feature | default | what |
+//! |---|---|---|
+//! | `axum` | off | [`BackgroundTasks`] is an axum extractor (depends on `axum-core` only) |
+
+#![cfg_attr(docsrs, feature(doc_cfg))]
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+#![warn(missing_debug_implementations, unreachable_pub, rust_2018_idioms)]
+
+mod body;
+mod completion;
+mod handle;
+mod job;
+mod layer;
+mod runner;
+mod service;
+mod tasks;
+
+pub use body::BackgroundBody;
+pub use completion::{Completion, Outcome};
+pub use handle::{BackgroundHandle, ShutdownReport, Stats};
+pub use job::TaskOutput;
+pub use layer::{BackgroundLayer, Execution};
+pub use service::{BackgroundService, ResponseFuture};
+pub use tasks::BackgroundTasks;

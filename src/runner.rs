@@ -1,0 +1,225 @@
+//! Running a request's tasks: one spawned runner drains a request's queue in
+//! order (sequential execution), or runs a single task (concurrent
+//! execution). Around every task it waits for a concurrency permit, enforces
+//! the timeout, catches panics, logs the outcome and watches for shutdown.
+
+use std::future::{poll_fn, Future};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::pin::{pin, Pin};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+
+use tokio::sync::futures::Notified;
+
+use crate::handle::{Ended, Unstarted};
+use crate::job::{panic_message, Finish, Job, Start, TaskList};
+use crate::tasks::RequestQueue;
+use crate::Completion;
+
+/// A spawned unit of work: the tasks it has taken and not started yet.
+///
+/// If it is dropped before it is done (the runtime shut down, or there was
+/// no runtime to spawn it on), its `Drop` counts what it still held as
+/// cancelled: no task vanishes uncounted.
+pub(crate) struct Runner {
+    queue: Arc<RequestQueue>,
+    completion: Completion,
+    /// Taken and not started, oldest first.
+    batch: TaskList,
+    /// Refills `batch` from the request's waiting list until it is empty
+    /// (sequential execution). Cleared when the runner retires.
+    draining: bool,
+    /// One of this runner's tasks is counted as running.
+    running: bool,
+}
+
+impl Runner {
+    /// A runner that drains the request's waiting list, in order.
+    pub(crate) fn sequence(queue: Arc<RequestQueue>, completion: Completion) -> Self {
+        Self {
+            queue,
+            completion,
+            batch: TaskList::default(),
+            draining: true,
+            running: false,
+        }
+    }
+
+    /// A runner for one task.
+    pub(crate) fn single(queue: Arc<RequestQueue>, completion: Completion, job: Box<dyn Job>) -> Self {
+        let mut batch = TaskList::default();
+        batch.push(job);
+        Self {
+            queue,
+            completion,
+            batch,
+            draining: false,
+            running: false,
+        }
+    }
+
+    /// The next task to start, if any.
+    fn next(&mut self) -> Option<Box<dyn Job>> {
+        if self.batch.is_empty() && self.draining {
+            let mut state = self.queue.lock();
+            let waiting = state.waiting.take();
+            if waiting.is_empty() {
+                // Retire: a later add spawns a new runner.
+                state.draining = false;
+                self.draining = false;
+            }
+            drop(state);
+            self.batch = waiting.reversed();
+        }
+        let job = self.batch.pop()?;
+        self.queue.not_started.fetch_sub(1, Ordering::AcqRel);
+        Some(job)
+    }
+
+    pub(crate) async fn run(mut self) {
+        let shared = Arc::clone(&self.queue.shared);
+        let registry = &shared.registry;
+        let mut closed = pin!(registry.closed());
+        // Registered before the first `start`, which checks the flag: a
+        // shutdown either finds this runner waiting or is seen by `start`.
+        closed.as_mut().enable();
+
+        while let Some(job) = self.next() {
+            let permit = match &shared.config.limit {
+                None => None,
+                Some(limit) => {
+                    let mut acquire = pin!(Arc::clone(limit).acquire_owned());
+                    let acquired = poll_fn(|cx| {
+                        if closed.as_mut().poll(cx).is_ready() {
+                            return Poll::Ready(None);
+                        }
+                        acquire.as_mut().poll(cx).map(Result::ok)
+                    })
+                    .await;
+                    match acquired {
+                        Some(permit) => Some(permit),
+                        // Closed: `shutdown` counted everything left.
+                        None => return,
+                    }
+                }
+            };
+            if !registry.start() {
+                return;
+            }
+            self.running = true;
+            let start = Start {
+                completion: self.completion,
+                permit,
+            };
+            let ended = run_job(job, start, shared.config.timeout, closed.as_mut()).await;
+            self.running = false;
+            match ended {
+                Some(ended) => {
+                    registry.end(ended);
+                }
+                None => return,
+            }
+        }
+    }
+}
+
+impl Drop for Runner {
+    fn drop(&mut self) {
+        let batch = self.batch.take();
+        let waiting = if self.draining {
+            let mut state = self.queue.lock();
+            state.draining = false;
+            state.waiting.take()
+        } else {
+            TaskList::default()
+        };
+        let unstarted = batch.len() + waiting.len();
+        if unstarted == 0 && !self.running {
+            return;
+        }
+        self.queue.not_started.fetch_sub(unstarted, Ordering::AcqRel);
+        let registry = &self.queue.shared.registry;
+        let mut counted = registry.forget(unstarted as u64, Unstarted::Cancelled);
+        if self.running {
+            counted |= registry.end(Ended::Cancelled);
+        }
+        if counted {
+            tracing::warn!(
+                tasks = unstarted + usize::from(self.running),
+                "background tasks cancelled: the tokio runtime went away before they ran"
+            );
+        }
+    }
+}
+
+/// How one task ended, from the runner's point of view.
+enum Fate {
+    Finished(Finish),
+    TimedOut,
+    Closed,
+}
+
+/// Runs one task to its end, its deadline or the layer's close, and logs
+/// the outcome inside the task's span. `None` means the layer was closed:
+/// the task was already counted as cancelled.
+async fn run_job(
+    job: Box<dyn Job>,
+    mut start: Start,
+    timeout: Option<Duration>,
+    mut closed: Pin<&mut Notified<'_>>,
+) -> Option<Ended> {
+    let mut job = Box::into_pin(job);
+    let mut deadline = pin!(timeout.map(tokio::time::sleep));
+    let fate = poll_fn(|cx| {
+        match catch_unwind(AssertUnwindSafe(|| job.as_mut().poll_run(cx, &mut start))) {
+            Ok(Poll::Ready(finish)) => return Poll::Ready(Fate::Finished(finish)),
+            Ok(Poll::Pending) => {}
+            Err(payload) => {
+                return Poll::Ready(Fate::Finished(Finish::Panicked(panic_message(&*payload))))
+            }
+        }
+        if let Some(deadline) = deadline.as_mut().as_pin_mut() {
+            if deadline.poll(cx).is_ready() {
+                return Poll::Ready(Fate::TimedOut);
+            }
+        }
+        if closed.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Fate::Closed);
+        }
+        Poll::Pending
+    })
+    .await;
+
+    let ended = job.span().in_scope(|| match fate {
+        Fate::Finished(Finish::Completed) => {
+            tracing::debug!("background task completed");
+            Some(Ended::Completed)
+        }
+        Fate::Finished(Finish::Failed(error)) => {
+            tracing::error!(error = %error, "background task failed");
+            Some(Ended::Failed)
+        }
+        Fate::Finished(Finish::Panicked(panic)) => {
+            tracing::error!(panic = %panic, "background task panicked");
+            Some(Ended::Panicked)
+        }
+        Fate::Finished(Finish::Lost) => {
+            tracing::warn!("background task lost: the runtime is shutting down");
+            Some(Ended::Cancelled)
+        }
+        Fate::TimedOut => {
+            let timeout_ms = timeout.map_or(0, |t| t.as_millis() as u64);
+            tracing::warn!(timeout_ms, "background task timed out and was abandoned");
+            Some(Ended::TimedOut)
+        }
+        Fate::Closed => {
+            tracing::debug!("background task cancelled by shutdown");
+            None
+        }
+    });
+    // A destructor that panics must not take the rest of the sequence down.
+    let _ = catch_unwind(AssertUnwindSafe(move || drop(job)));
+    ended
+}
