@@ -144,17 +144,28 @@
 
 mod body;
 mod completion;
+#[cfg(feature = "axum")]
+mod extract;
 mod handle;
 mod job;
 mod layer;
 mod runner;
 mod service;
+mod sync;
 mod tasks;
 
 pub use body::BackgroundBody;
 pub use completion::{Completion, Outcome};
+#[cfg(feature = "axum")]
+#[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
+pub use extract::MissingBackgroundLayer;
 pub use handle::{BackgroundHandle, ShutdownReport, Stats};
 pub use job::TaskOutput;
 pub use layer::{BackgroundLayer, Execution};
 pub use service::{BackgroundService, ResponseFuture};
 pub use tasks::BackgroundTasks;
+
+// The README's snippets are compiled and run as doctests.
+#[cfg(all(doctest, feature = "axum"))]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
