@@ -7,11 +7,13 @@
 
 use std::future::Future;
 use std::pin::pin;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::futures::Notified;
 use tokio::sync::Notify;
+
+use crate::sync::{Mutex, MutexGuard};
 
 /// Counts of a layer's tasks, as returned by [`BackgroundHandle::stats`].
 ///
@@ -354,10 +356,12 @@ impl BackgroundHandle {
     /// same close, and its [`ShutdownReport`] counts what happened between the
     /// call and its return.
     ///
+    /// A zero `grace` cancels at once without waiting (and needs no timer).
+    ///
     /// # Panics
     ///
-    /// Like [`tokio::time::timeout`], it panics if the runtime was built
-    /// without the time driver (`Builder::enable_time`).
+    /// Like [`tokio::time::timeout`], with a non-zero `grace` it panics if the
+    /// runtime was built without the time driver (`Builder::enable_time`).
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() {
@@ -372,7 +376,11 @@ impl BackgroundHandle {
         let registry = Arc::clone(&self.registry);
         async move {
             let before = registry.stats();
-            let drained = tokio::time::timeout(grace, registry.wait_idle()).await.is_ok();
+            let drained = if grace.is_zero() {
+                before.pending + before.running == 0
+            } else {
+                tokio::time::timeout(grace, registry.wait_idle()).await.is_ok()
+            };
             registry.close();
             let after = registry.stats();
             let report = ShutdownReport {

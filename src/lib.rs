@@ -151,6 +151,7 @@ mod job;
 mod layer;
 mod runner;
 mod service;
+mod sync;
 mod tasks;
 
 pub use body::BackgroundBody;
@@ -163,3 +164,8 @@ pub use job::TaskOutput;
 pub use layer::{BackgroundLayer, Execution};
 pub use service::{BackgroundService, ResponseFuture};
 pub use tasks::BackgroundTasks;
+
+// The README's snippets are compiled and run as doctests.
+#[cfg(all(doctest, feature = "axum"))]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

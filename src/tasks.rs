@@ -18,8 +18,8 @@
 
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, PoisonError};
 
 use http::{Method, StatusCode, Uri};
 use tokio::runtime::Handle;
@@ -29,6 +29,7 @@ use crate::handle::Unstarted;
 use crate::job::{BlockingWork, FutureWork, Job, Task, TaskList, TaskOutput, WithCompletion};
 use crate::layer::{Execution, Shared};
 use crate::runner::Runner;
+use crate::sync::{AtomicU32, AtomicUsize, Mutex, MutexGuard};
 use crate::{Completion, Outcome};
 
 /// The queue of background tasks of one request.
@@ -440,16 +441,22 @@ impl RequestQueue {
             return;
         }
         let runtime = runtime.or_else(|| Handle::try_current().ok());
-        if runtime.is_none() {
+        if runtime.is_none() && cfg!(not(tower_background_loom)) {
             tracing::error!(
                 "no tokio runtime to run background tasks on: add tasks from within the \
                  runtime that serves the request; cancelling them"
             );
         }
-        let spawn = |runner: Runner| match &runtime {
-            Some(runtime) => drop(runtime.spawn(runner.run())),
-            // Dropping a runner counts its tasks as cancelled.
-            None => drop(runner),
+        let spawn = |runner: Runner| {
+            // Model checking: every runner is a loom thread.
+            #[cfg(tower_background_loom)]
+            drop(loom::thread::spawn(move || loom::future::block_on(runner.run())));
+            #[cfg(not(tower_background_loom))]
+            match &runtime {
+                Some(runtime) => drop(runtime.spawn(runner.run())),
+                // Dropping a runner counts its tasks as cancelled.
+                None => drop(runner),
+            }
         };
         match dispatch {
             Dispatch::Nothing => {}
