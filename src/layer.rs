@@ -35,7 +35,10 @@ pub enum Execution {
 pub(crate) struct Config {
     pub(crate) execution: Execution,
     pub(crate) timeout: Option<Duration>,
+    /// The permits of `max_concurrent_tasks`, shared by every clone.
     pub(crate) limit: Option<Arc<Semaphore>>,
+    /// The number `max_concurrent_tasks` was given, for `Debug`.
+    max_concurrent_tasks: Option<usize>,
     pub(crate) run_on_abort: bool,
 }
 
@@ -45,6 +48,7 @@ impl Default for Config {
             execution: Execution::Sequential,
             timeout: None,
             limit: None,
+            max_concurrent_tasks: None,
             run_on_abort: true,
         }
     }
@@ -165,6 +169,7 @@ impl BackgroundLayer {
              (0 would never run a task); for no limit, do not call max_concurrent_tasks"
         );
         self.config.limit = (limit < Semaphore::MAX_PERMITS).then(|| Arc::new(Semaphore::new(limit)));
+        self.config.max_concurrent_tasks = Some(limit);
         self
     }
 
@@ -224,10 +229,7 @@ impl std::fmt::Debug for BackgroundLayer {
         f.debug_struct("BackgroundLayer")
             .field("execution", &self.config.execution)
             .field("task_timeout", &self.config.timeout)
-            .field(
-                "max_concurrent_tasks",
-                &self.config.limit.as_ref().map(|_| "limited"),
-            )
+            .field("max_concurrent_tasks", &self.config.max_concurrent_tasks)
             .field("run_on_abort", &self.config.run_on_abort)
             .field("stats", &self.handle().stats())
             .finish()
