@@ -60,12 +60,25 @@ pub struct Stats {
 
 impl Stats {
     /// Every task counted: in flight plus ended.
+    ///
+    /// ```
+    /// # use tower_background::BackgroundLayer;
+    /// let stats = BackgroundLayer::new().handle().stats();
+    /// assert_eq!(stats.total(), stats.pending + stats.running + stats.ended());
+    /// ```
     #[must_use]
     pub fn total(&self) -> u64 {
         self.pending + self.running + self.ended()
     }
 
     /// Tasks that have ended, in whatever bucket.
+    ///
+    /// ```
+    /// # use tower_background::BackgroundLayer;
+    /// let stats = BackgroundLayer::new().handle().stats();
+    /// assert_eq!(stats.ended(), stats.completed + stats.failed + stats.panicked
+    ///     + stats.timed_out + stats.discarded + stats.cancelled);
+    /// ```
     #[must_use]
     pub fn ended(&self) -> u64 {
         self.completed + self.failed + self.panicked + self.timed_out + self.discarded + self.cancelled

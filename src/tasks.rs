@@ -317,7 +317,7 @@ impl RequestQueue {
             ),
         };
         if !span.is_disabled() {
-            span.follows_from(&Span::current());
+            span.follows_from(Span::current());
         }
         span
     }
