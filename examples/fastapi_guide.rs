@@ -10,6 +10,7 @@
 //! ```text
 //! cargo run --example fastapi_guide --features axum
 //! curl -X POST 'http://127.0.0.1:3000/send-notification?email=ada@example.com'
+//! curl -X POST 'http://127.0.0.1:3000/send-notification?email=ada@example.com&q=rust'
 //! curl -X POST http://127.0.0.1:3000/register -H 'content-type: application/json' \
 //!      -d '{"email":"ada@example.com","name":"Ada"}'
 //! curl -X POST http://127.0.0.1:3000/users -H 'content-type: application/json' \
@@ -43,7 +44,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path as UrlPath, Query, State};
+use axum::extract::{FromRequestParts, Path as UrlPath, Query, State};
+use axum::http::request::Parts;
 use axum::http::{StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -225,7 +227,8 @@ fn read_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
 }
 
 // ---------------------------------------------------------------------------
-// Guide: "Using BackgroundTasks" (a synchronous task)
+// Guide: "Using BackgroundTasks" (a synchronous task) and "Dependency
+// Injection" (an extractor that queues a task of its own)
 // ---------------------------------------------------------------------------
 
 #[derive(Debug, Deserialize)]
@@ -233,10 +236,12 @@ struct NotificationQuery {
     email: String,
 }
 
-/// `POST /send-notification?email=`: appends to a log file after the response.
+/// `POST /send-notification?email=[&q=]`: appends to a log file after the
+/// response.
 async fn send_notification(
     tasks: BackgroundTasks,
     State(state): State<AppState>,
+    LoggedQuery(q): LoggedQuery,
     Query(query): Query<NotificationQuery>,
 ) -> Json<Value> {
     let log = state.config.notification_log();
@@ -244,7 +249,36 @@ async fn send_notification(
     // A plain function doing blocking file I/O: it runs on tokio's blocking
     // pool, like FastAPI runs a `def` task in its threadpool.
     tasks.add_blocking(move || append_line(&log, &line));
-    Json(json!({ "message": "Notification sent in the background" }))
+    Json(json!({ "message": "Notification sent in the background", "q": q }))
+}
+
+/// The guide's dependency `get_query`: an extractor that takes the same
+/// per-request [`BackgroundTasks`] and, when the query has `q`, queues
+/// `found query: Q` before the handler's own task (extractors run first).
+#[derive(Debug)]
+struct LoggedQuery(Option<String>);
+
+impl FromRequestParts<AppState> for LoggedQuery {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Response> {
+        #[derive(Deserialize)]
+        struct Q {
+            q: Option<String>,
+        }
+        let tasks = BackgroundTasks::from_request_parts(parts, state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let Query(Q { q }) = Query::<Q>::from_request_parts(parts, state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        if let Some(q) = &q {
+            let log = state.config.notification_log();
+            let line = format!("found query: {q}\n");
+            tasks.add_blocking(move || append_line(&log, &line));
+        }
+        Ok(LoggedQuery(q))
+    }
 }
 
 fn append_line(path: &Path, line: &str) -> std::io::Result<()> {

@@ -61,7 +61,12 @@ async fn start_with(edit: impl FnOnce(&mut Config)) -> TestApp {
     let (router, handle) = guide::app(config.clone()).await.unwrap();
     TestApp {
         base: serve(router).await,
-        client: reqwest::Client::builder().no_proxy().build().unwrap(),
+        // Every request is bounded too: a handler that waited for its task would hang.
+        client: reqwest::Client::builder()
+            .no_proxy()
+            .timeout(WAIT)
+            .build()
+            .unwrap(),
         handle,
         config,
         outbox,
@@ -142,6 +147,24 @@ async fn send_notification_appends_to_the_log_from_a_blocking_task() {
     assert_eq!(
         app.read_data(app.config.notification_log()),
         "notification sent to ada@example.com\nnotification sent to grace@example.com\n"
+    );
+    app.assert_completed(2);
+}
+
+/// The guide's "Dependency Injection" case: an extractor queues its own task
+/// on the same request's queue, before the handler's.
+#[tokio::test]
+async fn send_notification_with_q_logs_the_extractor_task_first() {
+    let app = start().await;
+    let (status, body) = app
+        .post_empty("/send-notification?email=ada@example.com&q=rust")
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["q"], "rust");
+    app.idle().await;
+    assert_eq!(
+        app.read_data(app.config.notification_log()),
+        "found query: rust\nnotification sent to ada@example.com\n"
     );
     app.assert_completed(2);
 }
