@@ -30,7 +30,6 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -46,7 +45,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{BoxError, Extension, Json, Router};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tower::ServiceBuilder;
 use tower_background::{BackgroundHandle, BackgroundLayer, BackgroundTasks, Completion};
@@ -86,15 +85,17 @@ pub async fn send_invoice(job: SendInvoice, mailer: Data<Mailer>) -> Result<(), 
 /// status is a success, the job is pushed to `storage`.
 ///
 /// The push is an after-response task, so a handler that fails (an error
-/// response) or never finishes (a timeout drops it, tasks are discarded)
+/// response) or never finishes (a timeout drops it, its tasks are discarded)
 /// enqueues nothing, wherever it staged the job. If the push itself fails,
 /// the after-response task fails and is logged and counted like any task.
-pub fn push_after_response<Args>(
-    tasks: &BackgroundTasks,
-    storage: &SqliteStorage<Args>,
-    job: Task<Args>,
-) where
-    Args: Serialize + serde::de::DeserializeOwned + Unpin + Send + Sync + 'static,
+///
+/// Any apalis storage works: `SqliteStorage` here, `RedisStorage` or
+/// `PostgresStorage` on many machines.
+pub fn push_after_response<S, Args, Kind>(tasks: &BackgroundTasks, storage: &S, job: Task<Args>)
+where
+    S: TaskSink<Args, Kind> + Clone + Send + 'static,
+    S::Error: fmt::Display + Send,
+    Args: Send + 'static,
 {
     let mut storage = storage.clone();
     tasks.add_with(move |done: Completion| async move {
@@ -115,7 +116,6 @@ pub fn push_after_response<Args>(
 #[derive(Clone, Default)]
 pub struct Mailer {
     state: Arc<Mutex<MailerState>>,
-    delivered: Arc<watch::Sender<usize>>,
 }
 
 #[derive(Default)]
@@ -156,19 +156,16 @@ impl Mailer {
     /// Sends one message.
     pub async fn send(&self, to: &str, subject: &str) -> Result<(), MailError> {
         tokio::time::sleep(Duration::from_millis(5)).await; // the network
-        {
-            let mut state = self.lock();
-            *state.attempts.entry(to.to_owned()).or_default() += 1;
-            if let Some(left) = state.failures_left.get_mut(to).filter(|left| **left > 0) {
-                *left -= 1;
-                return Err(MailError(format!("421 try again later ({to})")));
-            }
-            state.outbox.push(Mail {
-                to: to.to_owned(),
-                subject: subject.to_owned(),
-            });
+        let mut state = self.lock();
+        *state.attempts.entry(to.to_owned()).or_default() += 1;
+        if let Some(left) = state.failures_left.get_mut(to).filter(|left| **left > 0) {
+            *left -= 1;
+            return Err(MailError(format!("421 try again later ({to})")));
         }
-        self.delivered.send_modify(|n| *n += 1);
+        state.outbox.push(Mail {
+            to: to.to_owned(),
+            subject: subject.to_owned(),
+        });
         Ok(())
     }
 
@@ -180,14 +177,6 @@ impl Mailer {
     /// How many sends to `address` were tried, failed ones included.
     pub fn attempts(&self, address: &str) -> u32 {
         self.lock().attempts.get(address).copied().unwrap_or(0)
-    }
-
-    /// Resolves once `count` messages have been delivered in all.
-    pub fn delivered(&self, count: usize) -> impl Future<Output = ()> + Send + 'static {
-        let mut rx = self.delivered.subscribe();
-        async move {
-            let _ = rx.wait_for(|n| *n >= count).await;
-        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, MailerState> {

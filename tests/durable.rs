@@ -195,7 +195,7 @@ async fn a_request_cancelled_by_a_timeout_enqueues_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let config = Config {
         ledger: Ledger::default().stalling("slow@example.com"),
-        request_timeout: Duration::from_millis(200),
+        request_timeout: Duration::from_millis(500),
         worker: false,
         ..Config::default()
     };
