@@ -19,7 +19,8 @@ pin_project! {
     /// It forwards every frame, [`size_hint`](Body::size_hint) and
     /// [`is_end_stream`](Body::is_end_stream) of the inner body unchanged and
     /// adds no allocation per frame. The request's tasks start when it
-    /// reaches its end: `poll_frame` returns `None`, or the inner body reports
+    /// reaches its end: `poll_frame` returns `None` or a trailers frame (the
+    /// last frame of any body), or the inner body reports
     /// [`is_end_stream`](Body::is_end_stream) after a frame. If it is dropped
     /// first, the tasks start all the same, with [`Outcome::NoBody`] if it
     /// was never polled and [`Outcome::Aborted`] otherwise.
@@ -89,7 +90,9 @@ impl<B: Body> Body for BackgroundBody<B> {
                     if let (Some(remaining), Some(data)) = (&mut guard.remaining, frame.data_ref()) {
                         *remaining = remaining.saturating_sub(data.remaining() as u64);
                     }
-                    if this.inner.is_end_stream() {
+                    // Trailers are always the last frame; servers do not
+                    // poll for the `None` after them (hyper's HTTP/2 does not).
+                    if frame.is_trailers() || this.inner.is_end_stream() {
                         guard.finish(Outcome::Finished);
                     }
                 }

@@ -112,6 +112,30 @@ async fn s1_empty_body_polled_to_none_is_finished() {
     assert_eq!(within("task", rx).await.unwrap(), Outcome::Finished);
 }
 
+#[tokio::test]
+async fn s1_a_trailers_frame_ends_the_body() {
+    // Trailers are the last frame: HTTP/2 servers do not poll for `None`
+    // after them, and this body would never yield it.
+    let layer = BackgroundLayer::new();
+    let (tx, body) = ChannelBody::new();
+    let (done_tx, done_rx) = oneshot::channel();
+    let mut res = call(&layer, Response::new(body), move |t| {
+        t.add_with(move |c: Completion| async move {
+            let _ = done_tx.send(c.outcome());
+        })
+    })
+    .await;
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+    tx.send(data("payload")).unwrap();
+    tx.send(Ok(Frame::trailers(trailers))).unwrap();
+    res.body_mut().frame().await.unwrap().unwrap();
+    let frame = res.body_mut().frame().await.unwrap().unwrap();
+    assert!(frame.is_trailers());
+    assert_eq!(within("task", done_rx).await.unwrap(), Outcome::Finished);
+    drop(tx);
+}
+
 // ---------------------------------------------------------------------------
 // 2. The response never waits
 // ---------------------------------------------------------------------------
