@@ -3,7 +3,8 @@
 //! over HTTP/1.1 and HTTP/2, the handler taking the queue from
 //! `req.extensions()`. The task waits for the last chunk of a streamed
 //! response, and over HTTP/2 trailers pass through untouched and the task
-//! starts only after the trailers frame was polled.
+//! starts only after the trailers frame was polled (also over HTTP/1.1,
+//! where the client asks for trailers with `TE: trailers`).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -85,6 +86,13 @@ fn client(
         builder.http2_only(true);
     }
     builder.build_http()
+}
+
+fn version(protocol: Protocol) -> Version {
+    match protocol {
+        Protocol::Http1 => Version::HTTP_11,
+        Protocol::Http2 => Version::HTTP_2,
+    }
 }
 
 fn get(addr: SocketAddr) -> Request<Empty<Bytes>> {
@@ -199,7 +207,12 @@ fn service(
                     log.push("task");
                     let _ = done.send(completion);
                 });
-                Ok::<_, Infallible>(Response::new(body))
+                // HTTP/1.1 sends only the trailers the head announces.
+                let res = Response::builder()
+                    .header(http::header::TRAILER, "grpc-status, x-checksum, x-tag")
+                    .body(body)
+                    .unwrap();
+                Ok::<_, Infallible>(res)
             }
         })
 }
@@ -241,11 +254,7 @@ async fn streamed_response(protocol: Protocol) {
         .await
         .unwrap();
     assert_eq!(res.status(), StatusCode::OK);
-    let version = match protocol {
-        Protocol::Http1 => Version::HTTP_11,
-        Protocol::Http2 => Version::HTTP_2,
-    };
-    assert_eq!(res.version(), version);
+    assert_eq!(res.version(), version(protocol));
     let mut body = res.into_body();
 
     frames.send(Frame::data(Bytes::from("hello "))).unwrap();
@@ -293,10 +302,11 @@ fn trailers() -> HeaderMap {
     trailers
 }
 
-/// Streams two data frames then trailers over HTTP/2 from a body that
+/// Streams two data frames then trailers over `protocol` from a body that
 /// reports its end after the trailers (`ends_at_trailers`) or not; returns
 /// the server's events and the task's [`Completion`].
-async fn http2_trailers(
+async fn trailers_case(
+    protocol: Protocol,
     layer: BackgroundLayer,
     ends_at_trailers: bool,
 ) -> (Vec<&'static str>, Completion) {
@@ -312,13 +322,14 @@ async fn http2_trailers(
     );
     let addr = serve(svc).await;
 
-    let res = within(
-        "the response head",
-        client(Protocol::Http2).request(get(addr)),
-    )
-    .await
-    .unwrap();
-    assert_eq!(res.version(), Version::HTTP_2);
+    let mut req = get(addr);
+    // HTTP/1.1 sends trailers only to a client that asks for them.
+    req.headers_mut()
+        .insert(http::header::TE, HeaderValue::from_static("trailers"));
+    let res = within("the response head", client(protocol).request(req))
+        .await
+        .unwrap();
+    assert_eq!(res.version(), version(protocol));
     let mut body = res.into_body();
     frames.send(Frame::data(Bytes::from("hello "))).unwrap();
     frames.send(Frame::data(Bytes::from("world"))).unwrap();
@@ -343,26 +354,48 @@ async fn http2_trailers(
     (log.get(), completion)
 }
 
-#[tokio::test]
-async fn http2_trailers_pass_through_untouched_and_the_task_starts_after_them() {
-    let (events, completion) = http2_trailers(BackgroundLayer::new(), true).await;
-    assert_eq!(events, ["data", "data", "trailers", "task"]);
-    assert_eq!(completion.outcome(), Outcome::Finished);
+async fn trailers_pass_through(protocol: Protocol) {
+    let (events, completion) = trailers_case(protocol, BackgroundLayer::new(), true).await;
+    assert_eq!(events, ["data", "data", "trailers", "task"], "{protocol:?}");
+    assert_eq!(completion.outcome(), Outcome::Finished, "{protocol:?}");
     assert_eq!(completion.status(), StatusCode::OK);
 }
 
-/// hyper's HTTP/2 server stops polling a body once it has yielded trailers
-/// and drops it, so a body that does not report `is_end_stream` after its
-/// trailers (`http_body_util::StreamBody`, any channel or stream body) is
-/// never polled to `None`. Trailers are the last frame of a message, so the
-/// response was delivered in full: its tasks should see `Finished`, and run
-/// even with `run_on_abort(false)`.
 #[tokio::test]
-async fn http2_a_body_that_ends_with_trailers_counts_as_finished() {
+async fn http2_trailers_pass_through_untouched_and_the_task_starts_after_them() {
+    trailers_pass_through(Protocol::Http2).await;
+}
+
+#[tokio::test]
+async fn http1_trailers_pass_through_untouched_and_the_task_starts_after_them() {
+    trailers_pass_through(Protocol::Http1).await;
+}
+
+/// Regression test: hyper's servers (HTTP/2 and HTTP/1.1 alike) stop polling a body once it
+/// has yielded trailers and drop it, so a body that does not report
+/// `is_end_stream` after its trailers (`http_body_util::StreamBody`, any
+/// channel or stream body) is never polled to `None`. Trailers are the last
+/// frame of a message, so the response was delivered in full: its tasks
+/// should see `Finished`, and run even with `run_on_abort(false)`.
+async fn a_body_that_ends_with_trailers_counts_as_finished(protocol: Protocol) {
     let layer = BackgroundLayer::new().run_on_abort(false);
     let handle = layer.handle();
-    let (events, completion) = http2_trailers(layer, false).await;
+    let (events, completion) = trailers_case(protocol, layer, false).await;
     assert_eq!(&events[..3], ["data", "data", "trailers"], "{events:?}");
-    assert_eq!(completion.outcome(), Outcome::Finished, "{events:?}");
+    assert_eq!(
+        completion.outcome(),
+        Outcome::Finished,
+        "{protocol:?}: {events:?}"
+    );
     assert_eq!(handle.stats().discarded, 0);
+}
+
+#[tokio::test]
+async fn http2_a_body_that_ends_with_trailers_counts_as_finished() {
+    a_body_that_ends_with_trailers_counts_as_finished(Protocol::Http2).await;
+}
+
+#[tokio::test]
+async fn http1_a_body_that_ends_with_trailers_counts_as_finished() {
+    a_body_that_ends_with_trailers_counts_as_finished(Protocol::Http1).await;
 }
