@@ -559,3 +559,132 @@ async fn graceful_server_shutdown_then_background_shutdown_while_streaming() {
     let again = within("a second shutdown", handle.shutdown(Duration::ZERO)).await;
     assert_eq!((again.completed, again.cancelled), (0, 0));
 }
+
+/// HTTP/2: the client resets the stream mid-response (drops the response
+/// body) while the connection stays open: the server drops that body, so
+/// every task runs (`run_on_abort(true)`), `add_with` sees `Aborted`, and the
+/// same connection serves the next request, whose tasks see `Finished`.
+#[tokio::test]
+async fn http2_stream_reset_mid_stream_runs_the_tasks() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let layer = BackgroundLayer::new();
+    let handle = layer.handle();
+    let log = Log::default();
+    let (done_tx, mut done) = mpsc::unbounded_channel();
+    let (server, body_tx) = streaming_server(layer, log.clone(), done_tx).await;
+
+    let stream = TcpStream::connect(server.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    let request = || {
+        Request::builder()
+            .uri(format!("http://{}/", server.addr))
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap()
+    };
+
+    let (frames, body) = ChannelBody::new();
+    body_tx.send(body).unwrap();
+    let res = within("the response headers", sender.send_request(request()))
+        .await
+        .unwrap();
+    frames.send(chunk("first chunk")).unwrap();
+    let mut res_body = res.into_body();
+    let first = within(
+        "the first chunk",
+        http_body_util::BodyExt::frame(&mut res_body),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(first.into_data().unwrap(), "first chunk");
+    drop(res_body); // RST_STREAM(CANCEL)
+    let completion = within("the completion", feed_until_done(&frames, &mut done)).await;
+    assert_eq!(completion.outcome(), Outcome::Aborted);
+    within("the tasks", handle.wait_idle()).await;
+    assert_eq!(log.get(), ["plain", "blocking"]);
+
+    // The connection is still usable.
+    let (frames, body) = ChannelBody::new();
+    body_tx.send(body).unwrap();
+    frames.send(chunk("whole")).unwrap();
+    drop(frames);
+    let res = within("the second response", sender.send_request(request()))
+        .await
+        .unwrap();
+    let body = within(
+        "the second body",
+        http_body_util::BodyExt::collect(res.into_body()),
+    )
+    .await
+    .unwrap()
+    .to_bytes();
+    assert_eq!(body, "whole");
+    let completion = within("the second completion", done.recv()).await.unwrap();
+    assert_eq!(completion.outcome(), Outcome::Finished);
+    within("the tasks", handle.wait_idle()).await;
+    assert_eq!(log.get(), ["plain", "blocking", "plain", "blocking"]);
+    assert_eq!(handle.stats().completed, 6);
+    drop(sender);
+    let _ = within("the client connection", conn).await;
+    server.graceful_shutdown().await;
+}
+
+/// HEAD requests and 204/304 responses: hyper never polls the body, it drops
+/// it. That counts as a delivered response: the tasks run (also with
+/// `run_on_abort(false)`), `add_with` sees `NoBody`.
+#[tokio::test]
+async fn bodies_the_server_never_sends_run_the_tasks_with_no_body() {
+    let layer = BackgroundLayer::new().run_on_abort(false);
+    let handle = layer.handle();
+    let log = Log::default();
+    let l = log.clone();
+    let svc = layer.layer(service_fn(move |req: Request<Incoming>| {
+        let tasks = req.extensions().get::<BackgroundTasks>().unwrap();
+        let label = format!("{} {}", req.method(), req.uri().path());
+        tasks.add(l.task(format!("plain {label}")));
+        let l = l.clone();
+        tasks.add_with(move |c: Completion| {
+            l.task(format!(
+                "with {label} {} {:?}",
+                c.status().as_u16(),
+                c.outcome()
+            ))
+        });
+        let status = match req.uri().path() {
+            "/204" => StatusCode::NO_CONTENT,
+            "/304" => StatusCode::NOT_MODIFIED,
+            _ => StatusCode::OK,
+        };
+        let mut res = Response::new(Full::<Bytes>::from("a body nobody reads"));
+        *res.status_mut() = status;
+        async move { Ok::<_, Infallible>(res) }
+    }));
+    let server = Server::start(svc).await;
+    for (method, path) in [("HEAD", "/"), ("GET", "/204"), ("GET", "/304")] {
+        let mut stream = TcpStream::connect(server.addr).await.unwrap();
+        let req =
+            format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        stream.write_all(req.as_bytes()).await.unwrap();
+        let response = read_to_end(stream).await;
+        assert!(!response.contains("nobody reads"), "{response}");
+        within("the tasks", handle.wait_idle()).await;
+    }
+    assert_eq!(
+        log.get(),
+        [
+            "plain HEAD /",
+            "with HEAD / 200 NoBody",
+            "plain GET /204",
+            "with GET /204 204 NoBody",
+            "plain GET /304",
+            "with GET /304 304 NoBody",
+        ]
+    );
+    assert_eq!(handle.stats().completed, 6);
+    server.graceful_shutdown().await;
+}
