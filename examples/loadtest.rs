@@ -1,0 +1,751 @@
+//! End-to-end loopback benchmark of `BackgroundLayer` against bare axum and
+//! hand-written `tokio::spawn` (issue 5). Not a test: a harness that prints
+//! tables for docs/PERFORMANCE.md.
+//!
+//! ```text
+//! cargo run --release --example loadtest                 # throughput, latency, CPU, start delay
+//! cargo run --release --example loadtest -- rss          # peak RSS with tasks that sleep 100 ms
+//! cargo run --release --example loadtest -- --concurrency 64 --rounds 6 --secs 3 --warmup 1
+//! ```
+//!
+//! Every server variant runs in its own child process (`loadtest serve
+//! VARIANT`, a multi-threaded tokio runtime with one worker per core) so its
+//! CPU time and memory can be read from `/proc/<pid>`; the load generator is
+//! this process: `--concurrency` keep-alive HTTP/1.1 connections, each
+//! sending `GET /` and reading the whole response before sending the next.
+//! The variants serve the same handler (a 5-byte text body):
+//!
+//! | variant | what the handler does |
+//! |---|---|
+//! | `bare` | nothing else; no layer |
+//! | `layer_no_task` | nothing else, behind `BackgroundLayer` |
+//! | `layer_1_task` | queues one task that increments an `AtomicU64` |
+//! | `spawn_1_task` | `tokio::spawn`s the same task; no layer |
+//! | `layer_1_task_delay` | like `layer_1_task`, and records the time from the end of the response body to the task's first poll |
+//! | `layer_sleep`, `spawn_sleep` | the task sleeps 100 ms, then increments (the `rss` mode) |
+//!
+//! The throughput variants are measured in alternating rounds (A B C D, then
+//! D C B A, ...): each round opens fresh connections, warms up, then measures
+//! requests, latencies and the server's CPU time over the same window. Ratios
+//! are taken per round (paired), then their median is reported.
+
+use std::convert::Infallible;
+use std::io::{BufRead, BufReader, Write as _};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::extract::Path;
+use axum::routing::get;
+use axum::{Extension, Router};
+use bytes::Bytes;
+use http::Response;
+use http_body::{Frame, SizeHint};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tower_background::{BackgroundHandle, BackgroundLayer, BackgroundTasks};
+
+// ---------------------------------------------------------------- options
+
+#[derive(Debug, Clone)]
+struct Options {
+    concurrency: usize,
+    rounds: usize,
+    secs: f64,
+    warmup: f64,
+    client_threads: usize,
+}
+
+impl Options {
+    fn parse(args: &[String]) -> Self {
+        let mut o = Options {
+            concurrency: 64,
+            rounds: 6,
+            secs: 3.0,
+            warmup: 1.0,
+            client_threads: 2,
+        };
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            let mut value = || -> String {
+                it.next()
+                    .unwrap_or_else(|| panic!("{a} needs a value"))
+                    .clone()
+            };
+            match a.as_str() {
+                "--concurrency" | "-c" => o.concurrency = value().parse().expect("a number"),
+                "--rounds" | "-r" => o.rounds = value().parse().expect("a number"),
+                "--secs" | "-s" => o.secs = value().parse().expect("seconds"),
+                "--warmup" | "-w" => o.warmup = value().parse().expect("seconds"),
+                "--client-threads" => o.client_threads = value().parse().expect("a number"),
+                "rss" => {}
+                other => panic!(
+                    "unknown argument {other:?}; usage: loadtest [rss] [--concurrency N] [--rounds N] \
+                     [--secs S] [--warmup S] [--client-threads N]"
+                ),
+            }
+        }
+        assert!(o.concurrency > 0 && o.rounds > 0 && o.secs > 0.0);
+        o
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("serve") => serve(args.get(1).expect("serve VARIANT")),
+        Some("rss") => rss(&Options::parse(&args)),
+        _ => throughput(&Options::parse(&args)),
+    }
+}
+
+// ---------------------------------------------------------------- server (child process)
+
+/// Tasks that have run, in this server process.
+static RAN: AtomicU64 = AtomicU64::new(0);
+/// Start delays (ns) recorded by the `layer_1_task_delay` variant.
+static DELAYS: Mutex<Vec<u64>> = Mutex::new(Vec::new());
+static EPOCH: OnceLock<Instant> = OnceLock::new();
+
+fn now_ns() -> u64 {
+    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+/// A one-frame body that stamps the time at which it yields its last frame.
+struct StampBody {
+    data: Option<Bytes>,
+    ended_at: Arc<AtomicU64>,
+}
+
+impl http_body::Body for StampBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let data = self.data.take();
+        if data.is_some() {
+            self.ended_at.store(now_ns(), Ordering::Release);
+        }
+        Poll::Ready(data.map(|d| Ok(Frame::data(d))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.data.as_ref().map_or(0, |d| d.len() as u64))
+    }
+}
+
+async fn hello() -> &'static str {
+    "hello"
+}
+
+fn app(variant: &str, layer: BackgroundLayer) -> Router {
+    let handle = layer.handle();
+    let router = match variant {
+        "bare" => Router::new().route("/", get(hello)),
+        "layer_no_task" => Router::new().route("/", get(hello)).layer(layer),
+        "layer_1_task" => Router::new()
+            .route(
+                "/",
+                get(|Extension(tasks): Extension<BackgroundTasks>| async move {
+                    tasks.add(async {
+                        RAN.fetch_add(1, Ordering::Relaxed);
+                    });
+                    "hello"
+                }),
+            )
+            .layer(layer),
+        "spawn_1_task" => Router::new().route(
+            "/",
+            get(|| async {
+                tokio::spawn(async {
+                    RAN.fetch_add(1, Ordering::Relaxed);
+                });
+                "hello"
+            }),
+        ),
+        "layer_1_task_delay" => Router::new()
+            .route(
+                "/",
+                get(|Extension(tasks): Extension<BackgroundTasks>| async move {
+                    let ended_at = Arc::new(AtomicU64::new(0));
+                    let stamp = Arc::clone(&ended_at);
+                    tasks.add(async move {
+                        let first_poll = now_ns();
+                        let end = stamp.load(Ordering::Acquire);
+                        if end > 0 {
+                            DELAYS
+                                .lock()
+                                .expect("not poisoned")
+                                .push(first_poll.saturating_sub(end));
+                        }
+                        RAN.fetch_add(1, Ordering::Relaxed);
+                    });
+                    Response::new(axum::body::Body::new(StampBody {
+                        data: Some(Bytes::from_static(b"hello")),
+                        ended_at,
+                    }))
+                }),
+            )
+            .layer(layer),
+        "layer_sleep" => Router::new()
+            .route(
+                "/",
+                get(|Extension(tasks): Extension<BackgroundTasks>| async move {
+                    tasks.add(async {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        RAN.fetch_add(1, Ordering::Relaxed);
+                    });
+                    "hello"
+                }),
+            )
+            .layer(layer),
+        "spawn_sleep" => Router::new().route(
+            "/",
+            get(|| async {
+                tokio::spawn(async {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    RAN.fetch_add(1, Ordering::Relaxed);
+                });
+                "hello"
+            }),
+        ),
+        other => panic!("unknown variant {other:?}"),
+    };
+    // Control route, outside the measured one: waits for the tasks, then
+    // reports `ran completed delays p50 p99` (delays in ns).
+    router.route(
+        "/stats/{expect}",
+        get(move |Path(expect): Path<u64>| stats(handle.clone(), expect)),
+    )
+}
+
+async fn stats(handle: BackgroundHandle, expect: u64) -> String {
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        handle.wait_idle().await;
+        // `tokio::spawn`ed tasks have no `wait_idle`: wait for the count
+        // (bounded by the timeout above).
+        while RAN.load(Ordering::Relaxed) < expect {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await;
+    let mut delays = std::mem::take(&mut *DELAYS.lock().expect("not poisoned"));
+    delays.sort_unstable();
+    format!(
+        "{} {} {} {} {}",
+        RAN.load(Ordering::Relaxed),
+        handle.stats().completed,
+        delays.len(),
+        percentile(&delays, 0.50),
+        percentile(&delays, 0.99),
+    )
+}
+
+fn serve(variant: &str) {
+    let _ = EPOCH.get_or_init(Instant::now);
+    // Exit when the parent closes our stdin (or dies).
+    std::thread::spawn(|| {
+        let mut sink = String::new();
+        while std::io::stdin().read_line(&mut sink).is_ok_and(|n| n > 0) {}
+        std::process::exit(0);
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind 127.0.0.1:0");
+        let port = listener.local_addr().expect("an address").port();
+        println!("{port}");
+        std::io::stdout().flush().expect("stdout");
+        axum::serve(listener, app(variant, BackgroundLayer::new()))
+            .await
+            .expect("serve");
+    });
+}
+
+/// A server variant in a child process of this binary.
+struct Server {
+    variant: &'static str,
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Server {
+    fn start(variant: &'static str) -> Self {
+        let mut child = Command::new(std::env::current_exe().expect("current exe"))
+            .args(["serve", variant])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the server process");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("piped stdout"))
+            .read_line(&mut line)
+            .expect("read the port");
+        let port: u16 = line.trim().parse().expect("the server prints its port");
+        Server {
+            variant,
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// CPU time of all the server's threads so far, in ns
+    /// (`/proc/<pid>/task/*/schedstat`, falling back to `/proc/<pid>/stat`).
+    fn cpu_ns(&self) -> u64 {
+        let tasks = format!("/proc/{}/task", self.pid());
+        let mut sum = 0u64;
+        let mut any = false;
+        if let Ok(dir) = std::fs::read_dir(&tasks) {
+            for entry in dir.flatten() {
+                let path = entry.path().join("schedstat");
+                if let Ok(text) = std::fs::read_to_string(path) {
+                    if let Some(ns) = text
+                        .split_whitespace()
+                        .next()
+                        .and_then(|f| f.parse::<u64>().ok())
+                    {
+                        sum += ns;
+                        any = true;
+                    }
+                }
+            }
+        }
+        if any {
+            return sum;
+        }
+        // utime + stime, in clock ticks of 10 ms (USER_HZ = 100 on Linux).
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))
+            .expect("/proc/<pid>/stat");
+        let after = &stat[stat.rfind(')').expect("comm") + 2..];
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let ticks: u64 =
+            fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+        ticks * 10_000_000
+    }
+
+    /// A field of `/proc/<pid>/status`, in kB.
+    fn status_kb(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("/proc/<pid>/status");
+        status
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(field)?
+                    .trim_start_matches(':')
+                    .trim()
+                    .strip_suffix("kB")?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or_else(|| panic!("{field} in /proc/<pid>/status"))
+    }
+
+    /// Asks the server to wait for its tasks and report.
+    async fn stats(&self, expect: u64) -> ServerStats {
+        let body = get_text(self.addr, &format!("/stats/{expect}")).await;
+        let f: Vec<u64> = body
+            .split_whitespace()
+            .map(|x| x.parse().expect("a number"))
+            .collect();
+        ServerStats {
+            ran: f[0],
+            completed: f[1],
+            delays: f[2],
+            delay_p50_ns: f[3],
+            delay_p99_ns: f[4],
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Debug)]
+struct ServerStats {
+    ran: u64,
+    completed: u64,
+    delays: u64,
+    delay_p50_ns: u64,
+    delay_p99_ns: u64,
+}
+
+// ---------------------------------------------------------------- load generator
+
+const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
+
+/// Reads one response from `stream` into `buf`; returns its status code.
+async fn read_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> u16 {
+    buf.clear();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut chunk).await.expect("read a response");
+        assert!(n > 0, "the server closed the connection");
+        buf.extend_from_slice(&chunk[..n]);
+        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue;
+        };
+        let head = std::str::from_utf8(&buf[..end]).expect("an ASCII head");
+        let length: usize = head
+            .lines()
+            .find_map(|l| {
+                let (name, value) = l.split_once(':')?;
+                name.eq_ignore_ascii_case("content-length")
+                    .then(|| value.trim().parse().ok())?
+            })
+            .expect("a content-length");
+        let status: u16 = head[9..12].parse().expect("a status code");
+        while buf.len() < end + 4 + length {
+            let n = stream.read(&mut chunk).await.expect("read a body");
+            assert!(n > 0, "the server closed the connection");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        assert_eq!(buf.len(), end + 4 + length, "one response at a time");
+        return status;
+    }
+}
+
+async fn get_text(addr: SocketAddr, path: &str) -> String {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
+    stream.write_all(req.as_bytes()).await.expect("write");
+    let mut buf = Vec::new();
+    let status = read_response(&mut stream, &mut buf).await;
+    assert_eq!(status, 200, "{path}");
+    let end = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a head")
+        + 4;
+    String::from_utf8(buf[end..].to_vec()).expect("text")
+}
+
+/// What one round measured.
+#[derive(Debug, Clone)]
+struct Round {
+    /// Responses received, warm-up included (for the task count check).
+    responses: u64,
+    /// Responses completed inside the measurement window.
+    measured: u64,
+    window: Duration,
+    /// Server CPU time over the window.
+    cpu_ns: u64,
+    /// Latencies (µs) of the requests completed in the window, sorted.
+    latencies_us: Vec<u32>,
+}
+
+impl Round {
+    fn rps(&self) -> f64 {
+        self.measured as f64 / self.window.as_secs_f64()
+    }
+
+    fn cpu_us_per_request(&self) -> f64 {
+        self.cpu_ns as f64 / 1_000.0 / self.measured as f64
+    }
+}
+
+/// Drives `server` with `o.concurrency` connections for one round.
+fn round(client: &tokio::runtime::Runtime, server: &Server, o: &Options) -> Round {
+    let measuring = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let addr = server.addr;
+    let clients: Vec<_> = (0..o.concurrency)
+        .map(|_| {
+            let (measuring, stop) = (Arc::clone(&measuring), Arc::clone(&stop));
+            client.spawn(async move {
+                let mut stream = TcpStream::connect(addr).await.expect("connect");
+                stream.set_nodelay(true).expect("nodelay");
+                let mut buf = Vec::with_capacity(4096);
+                let mut latencies = Vec::with_capacity(1 << 16);
+                let mut responses = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let sent = Instant::now();
+                    stream.write_all(REQUEST).await.expect("write a request");
+                    let status = read_response(&mut stream, &mut buf).await;
+                    assert_eq!(status, 200);
+                    responses += 1;
+                    if measuring.load(Ordering::Relaxed) {
+                        latencies.push(sent.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                    }
+                }
+                (responses, latencies)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs_f64(o.warmup));
+    let cpu0 = server.cpu_ns();
+    let t0 = Instant::now();
+    measuring.store(true, Ordering::Relaxed);
+    std::thread::sleep(Duration::from_secs_f64(o.secs));
+    measuring.store(false, Ordering::Relaxed);
+    let window = t0.elapsed();
+    let cpu1 = server.cpu_ns();
+    stop.store(true, Ordering::Relaxed);
+    let mut responses = 0;
+    let mut latencies_us = Vec::new();
+    client.block_on(async {
+        for c in clients {
+            let (r, l) = c.await.expect("a client task");
+            responses += r;
+            latencies_us.extend(l);
+        }
+    });
+    latencies_us.sort_unstable();
+    Round {
+        responses,
+        measured: latencies_us.len() as u64,
+        window,
+        cpu_ns: cpu1 - cpu0,
+        latencies_us,
+    }
+}
+
+fn percentile<T: Copy + Default>(sorted: &[T], p: f64) -> T {
+    if sorted.is_empty() {
+        return T::default();
+    }
+    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i]
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn client_runtime(o: &Options) -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(o.client_threads)
+        .enable_all()
+        .build()
+        .expect("a client runtime")
+}
+
+fn describe_machine(o: &Options) {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+            })
+        })
+        .unwrap_or_else(|| "unknown".into());
+    println!(
+        "machine: {cpus} CPUs ({model}); concurrency {}, {} rounds of {}s (+{}s warm-up), {} client threads",
+        o.concurrency, o.rounds, o.secs, o.warmup, o.client_threads
+    );
+}
+
+// ---------------------------------------------------------------- throughput mode
+
+fn throughput(o: &Options) {
+    describe_machine(o);
+    let variants = ["bare", "layer_no_task", "layer_1_task", "spawn_1_task"];
+    let servers: Vec<Server> = variants.iter().map(|v| Server::start(v)).collect();
+    let client = client_runtime(o);
+    let mut rounds: Vec<Vec<Round>> = vec![Vec::new(); variants.len()];
+    for r in 0..o.rounds {
+        let order: Vec<usize> = if r % 2 == 0 {
+            (0..variants.len()).collect()
+        } else {
+            (0..variants.len()).rev().collect()
+        };
+        for i in order {
+            let measured = round(&client, &servers[i], o);
+            eprintln!(
+                "round {} {:>14}: {:>9.0} req/s  p50 {:>5} µs  p99 {:>5} µs  cpu {:>6.2} µs/req",
+                r + 1,
+                variants[i],
+                measured.rps(),
+                percentile(&measured.latencies_us, 0.5),
+                percentile(&measured.latencies_us, 0.99),
+                measured.cpu_us_per_request()
+            );
+            rounds[i].push(measured);
+        }
+    }
+
+    // Task count check: every response of a task variant ran its task.
+    let mut checks = Vec::new();
+    for (i, server) in servers.iter().enumerate() {
+        let responses: u64 = rounds[i].iter().map(|r| r.responses).sum();
+        let s = client.block_on(server.stats(responses));
+        checks.push((server.variant, responses, s));
+    }
+
+    println!();
+    println!("| variant | req/s median (min-max) | ratio to bare (paired median) | p50 latency | p99 latency | server CPU/request |");
+    println!("|---|---|---|---|---|---|");
+    let bare_rps: Vec<f64> = rounds[0].iter().map(Round::rps).collect();
+    for (i, v) in variants.iter().enumerate() {
+        let rps: Vec<f64> = rounds[i].iter().map(Round::rps).collect();
+        let ratios: Vec<f64> = rps.iter().zip(&bare_rps).map(|(a, b)| a / b).collect();
+        let min = rps.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = rps.iter().copied().fold(0.0, f64::max);
+        let mut all: Vec<u32> = rounds[i]
+            .iter()
+            .flat_map(|r| r.latencies_us.iter().copied())
+            .collect();
+        all.sort_unstable();
+        let cpu: Vec<f64> = rounds[i].iter().map(Round::cpu_us_per_request).collect();
+        println!(
+            "| `{v}` | {:.0} ({:.0}-{:.0}) | {:.3} | {} µs | {} µs | {:.2} µs |",
+            median(&rps),
+            min,
+            max,
+            median(&ratios),
+            percentile(&all, 0.5),
+            percentile(&all, 0.99),
+            median(&cpu),
+        );
+    }
+    let layer_1: Vec<f64> = rounds[2].iter().map(Round::rps).collect();
+    let spawn_1: Vec<f64> = rounds[3].iter().map(Round::rps).collect();
+    let tput: Vec<f64> = layer_1.iter().zip(&spawn_1).map(|(a, b)| a / b).collect();
+    let cpu_ratio: Vec<f64> = rounds[2]
+        .iter()
+        .zip(&rounds[3])
+        .map(|(a, b)| a.cpu_us_per_request() / b.cpu_us_per_request())
+        .collect();
+    let no_task: Vec<f64> = rounds[1]
+        .iter()
+        .map(Round::rps)
+        .zip(&bare_rps)
+        .map(|(a, b)| a / b)
+        .collect();
+    println!();
+    println!(
+        "targets: layer_no_task / bare = {:.3} (>= 0.97); layer_1_task / spawn_1_task = {:.3} (>= 0.97); \
+         CPU/request layer_1_task / spawn_1_task = {:.3} (<= 1.05)   [paired medians over {} rounds]",
+        median(&no_task),
+        median(&tput),
+        median(&cpu_ratio),
+        o.rounds
+    );
+    println!();
+    println!(
+        "| variant | responses received | tasks run | counted completed by the layer | check |"
+    );
+    println!("|---|---|---|---|---|");
+    for (v, responses, s) in &checks {
+        let (expected_ran, check) = match *v {
+            "layer_1_task" => (*responses, s.ran == *responses && s.completed == *responses),
+            "spawn_1_task" => (*responses, s.ran == *responses),
+            _ => (0, s.ran == 0 && s.completed == 0),
+        };
+        println!(
+            "| `{v}` | {responses} | {} (expected {expected_ran}) | {} | {} |",
+            s.ran,
+            s.completed,
+            if check { "ok" } else { "MISMATCH" }
+        );
+    }
+    drop(servers);
+
+    // Start delay, in its own server: stamping costs an allocation per
+    // request, which stays out of the throughput figures above.
+    let server = Server::start("layer_1_task_delay");
+    let mut responses = 0;
+    let mut rps = Vec::new();
+    for _ in 0..2 {
+        let r = round(&client, &server, o);
+        responses += r.responses;
+        rps.push(r.rps());
+    }
+    let s = client.block_on(server.stats(responses));
+    println!();
+    println!(
+        "start delay (end of response body -> first poll of the task), `layer_1_task_delay`, \
+         {} connections, {:.0} req/s: p50 {:.1} µs, p99 {:.1} µs over {} tasks (target p99 <= 1 ms); \
+         tasks run {} of {} responses: {}",
+        o.concurrency,
+        median(&rps),
+        s.delay_p50_ns as f64 / 1_000.0,
+        s.delay_p99_ns as f64 / 1_000.0,
+        s.delays,
+        s.ran,
+        responses,
+        if s.ran == responses && s.delays == responses { "ok" } else { "MISMATCH" }
+    );
+}
+
+// ---------------------------------------------------------------- rss mode
+
+fn rss(o: &Options) {
+    describe_machine(o);
+    let client = client_runtime(o);
+    let variants = ["layer_sleep", "spawn_sleep"];
+    let mut peaks: Vec<Vec<(u64, u64)>> = vec![Vec::new(); 2];
+    let runs = o.rounds.clamp(1, 3);
+    for run in 0..runs {
+        for i in [run % 2, 1 - run % 2] {
+            let server = Server::start(variants[i]);
+            let idle = server.status_kb("VmRSS");
+            let r = round(&client, &server, o);
+            let s = client.block_on(server.stats(r.responses));
+            let hwm = server.status_kb("VmHWM");
+            eprintln!(
+                "run {} {:>12}: {:>8.0} req/s, RSS idle {idle} kB, peak {hwm} kB, tasks run {} of {}",
+                run + 1,
+                variants[i],
+                r.rps(),
+                s.ran,
+                r.responses
+            );
+            assert_eq!(s.ran, r.responses, "every task ran");
+            peaks[i].push((idle, hwm));
+        }
+    }
+    println!();
+    println!("| variant | peak RSS (VmHWM) median | growth over idle median |");
+    println!("|---|---|---|");
+    let mut med = Vec::new();
+    for (i, v) in variants.iter().enumerate() {
+        let hwm: Vec<f64> = peaks[i].iter().map(|p| p.1 as f64).collect();
+        let growth: Vec<f64> = peaks[i].iter().map(|p| (p.1 - p.0) as f64).collect();
+        println!(
+            "| `{v}` | {:.0} kB | {:.0} kB |",
+            median(&hwm),
+            median(&growth)
+        );
+        med.push((median(&hwm), median(&growth)));
+    }
+    println!();
+    println!(
+        "peak RSS layer_sleep / spawn_sleep = {:.3} (target <= 1.25); growth ratio {:.3}",
+        med[0].0 / med[1].0,
+        med[0].1 / med[1].1
+    );
+}
