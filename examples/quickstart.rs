@@ -29,9 +29,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Any tower service works; with axum, add `.layer(BackgroundLayer::new())`
     // to the router and take `tasks: BackgroundTasks` as an extractor
     // (feature `axum`).
-    let service = ServiceBuilder::new()
-        .layer(layer)
-        .service_fn(move |req: Request<hyper::body::Incoming>| async move {
+    let service = ServiceBuilder::new().layer(layer).service_fn(
+        move |req: Request<hyper::body::Incoming>| async move {
             let tasks = req
                 .extensions()
                 .get::<BackgroundTasks>()
@@ -45,7 +44,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 );
             });
             Ok::<_, Infallible>(Response::new(Full::new(Bytes::from("registered\n"))))
-        });
+        },
+    );
 
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;

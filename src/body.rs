@@ -87,7 +87,8 @@ impl<B: Body> Body for BackgroundBody<B> {
                 Poll::Ready(None) => guard.finish(Outcome::Finished),
                 Poll::Ready(Some(Err(_))) => guard.finish(Outcome::BodyError),
                 Poll::Ready(Some(Ok(frame))) => {
-                    if let (Some(remaining), Some(data)) = (&mut guard.remaining, frame.data_ref()) {
+                    if let (Some(remaining), Some(data)) = (&mut guard.remaining, frame.data_ref())
+                    {
                         *remaining = remaining.saturating_sub(data.remaining() as u64);
                     }
                     // Trailers are always the last frame; servers do not

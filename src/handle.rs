@@ -81,7 +81,12 @@ impl Stats {
     /// ```
     #[must_use]
     pub fn ended(&self) -> u64 {
-        self.completed + self.failed + self.panicked + self.timed_out + self.discarded + self.cancelled
+        self.completed
+            + self.failed
+            + self.panicked
+            + self.timed_out
+            + self.discarded
+            + self.cancelled
     }
 
     fn is_idle(&self) -> bool {
@@ -385,14 +390,19 @@ impl BackgroundHandle {
     /// assert_eq!(report.cancelled, 0);
     /// # }
     /// ```
-    pub fn shutdown(&self, grace: Duration) -> impl Future<Output = ShutdownReport> + Send + 'static {
+    pub fn shutdown(
+        &self,
+        grace: Duration,
+    ) -> impl Future<Output = ShutdownReport> + Send + 'static {
         let registry = Arc::clone(&self.registry);
         async move {
             let before = registry.stats();
             let drained = if grace.is_zero() {
                 before.pending + before.running == 0
             } else {
-                tokio::time::timeout(grace, registry.wait_idle()).await.is_ok()
+                tokio::time::timeout(grace, registry.wait_idle())
+                    .await
+                    .is_ok()
             };
             registry.close();
             let after = registry.stats();

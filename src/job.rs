@@ -62,7 +62,6 @@ pub(crate) mod sealed {
     }
 }
 
-
 /// How a task's own work ended (timeouts and cancellation are the runner's).
 #[derive(Debug)]
 pub(crate) enum Finish {

@@ -168,7 +168,8 @@ impl BackgroundLayer {
             "BackgroundLayer::max_concurrent_tasks: the limit must be at least 1 \
              (0 would never run a task); for no limit, do not call max_concurrent_tasks"
         );
-        self.config.limit = (limit < Semaphore::MAX_PERMITS).then(|| Arc::new(Semaphore::new(limit)));
+        self.config.limit =
+            (limit < Semaphore::MAX_PERMITS).then(|| Arc::new(Semaphore::new(limit)));
         self.config.max_concurrent_tasks = Some(limit);
         self
     }

@@ -48,7 +48,11 @@ impl Runner {
     }
 
     /// A runner for one task.
-    pub(crate) fn single(queue: Arc<RequestQueue>, completion: Completion, job: Box<dyn Job>) -> Self {
+    pub(crate) fn single(
+        queue: Arc<RequestQueue>,
+        completion: Completion,
+        job: Box<dyn Job>,
+    ) -> Self {
         let mut batch = TaskList::default();
         batch.push(job);
         Self {
@@ -139,7 +143,9 @@ impl Drop for Runner {
         if unstarted == 0 && !self.running {
             return;
         }
-        self.queue.not_started.fetch_sub(unstarted, Ordering::AcqRel);
+        self.queue
+            .not_started
+            .fetch_sub(unstarted, Ordering::AcqRel);
         let registry = &self.queue.shared.registry;
         let mut counted = registry.forget(unstarted as u64, Unstarted::Cancelled);
         if self.running {

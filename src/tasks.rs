@@ -337,15 +337,16 @@ impl RequestQueue {
             registry.admit(1);
             registry.forget(1, Unstarted::Discarded);
             job.span().in_scope(|| {
-                tracing::warn!("background task added after its request was discarded; discarding it")
+                tracing::warn!(
+                    "background task added after its request was discarded; discarding it"
+                )
             });
             return;
         }
         if !registry.admit(1) {
             drop(state);
-            job.span().in_scope(|| {
-                tracing::warn!("background task added after shutdown; cancelling it")
-            });
+            job.span()
+                .in_scope(|| tracing::warn!("background task added after shutdown; cancelling it"));
             return;
         }
         self.not_started.fetch_add(1, Ordering::AcqRel);
@@ -363,7 +364,9 @@ impl RequestQueue {
 
     /// The response body finished (or was dropped) like `completion` says.
     pub(crate) fn finish(self: &Arc<Self>, completion: Completion) {
-        let word = self.phase.fetch_or(encode_started(completion), Ordering::AcqRel);
+        let word = self
+            .phase
+            .fetch_or(encode_started(completion), Ordering::AcqRel);
         debug_assert_eq!(word & PHASE, OPEN, "a request finishes once");
         if word & HAS_TASKS == 0 {
             return;
@@ -436,7 +439,12 @@ impl RequestQueue {
         );
     }
 
-    fn spawn(self: &Arc<Self>, dispatch: Dispatch, runtime: Option<Handle>, completion: Completion) {
+    fn spawn(
+        self: &Arc<Self>,
+        dispatch: Dispatch,
+        runtime: Option<Handle>,
+        completion: Completion,
+    ) {
         if let Dispatch::Nothing = dispatch {
             return;
         }
@@ -450,7 +458,9 @@ impl RequestQueue {
         let spawn = |runner: Runner| {
             // Model checking: every runner is a loom thread.
             #[cfg(tower_background_loom)]
-            drop(loom::thread::spawn(move || loom::future::block_on(runner.run())));
+            drop(loom::thread::spawn(move || {
+                loom::future::block_on(runner.run())
+            }));
             #[cfg(not(tower_background_loom))]
             match &runtime {
                 Some(runtime) => drop(runtime.spawn(runner.run())),
@@ -477,9 +487,7 @@ impl Drop for RequestQueue {
         let state = self.state.get_mut().unwrap_or_else(PoisonError::into_inner);
         let n = state.waiting.len();
         if n > 0 {
-            self.shared
-                .registry
-                .forget(n as u64, Unstarted::Cancelled);
+            self.shared.registry.forget(n as u64, Unstarted::Cancelled);
         }
     }
 }

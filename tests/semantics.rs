@@ -37,10 +37,16 @@ async fn s1_tasks_wait_for_the_end_of_a_streaming_body() {
     let mut res = call(&layer, Response::new(body), move |t| t.add(task)).await;
 
     tx.send(data("one")).unwrap();
-    let frame = within("frame", res.body_mut().frame()).await.unwrap().unwrap();
+    let frame = within("frame", res.body_mut().frame())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(frame.into_data().unwrap(), "one");
     settle().await;
-    assert!(log.get().is_empty(), "a task started while the body was streaming");
+    assert!(
+        log.get().is_empty(),
+        "a task started while the body was streaming"
+    );
     assert_eq!(handle.stats().pending, 1);
 
     tx.send(data("two")).unwrap();
@@ -108,7 +114,13 @@ async fn s1_empty_body_polled_to_none_is_finished() {
         })
     })
     .await;
-    assert!(res.into_body().collect().await.unwrap().to_bytes().is_empty());
+    assert!(res
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes()
+        .is_empty());
     assert_eq!(within("task", rx).await.unwrap(), Outcome::Finished);
 }
 
@@ -174,11 +186,17 @@ async fn s2_add_blocking_runs_off_the_async_workers() {
         })
     })
     .await;
-    within("first body", res.into_body().collect()).await.unwrap();
-    within("blocking closure entered", entered_rx).await.unwrap();
+    within("first body", res.into_body().collect())
+        .await
+        .unwrap();
+    within("blocking closure entered", entered_rx)
+        .await
+        .unwrap();
 
     let second = call(&layer, full("second"), |_| {}).await;
-    let body = within("second body", second.into_body().collect()).await.unwrap();
+    let body = within("second body", second.into_body().collect())
+        .await
+        .unwrap();
     assert_eq!(body.to_bytes(), "second");
     assert_eq!(handle.stats().running, 1);
 
@@ -313,7 +331,10 @@ async fn s4_a_body_error_is_reported_and_handled_like_an_abort() {
         tx.send(data("a")).unwrap();
         tx.send(Err(std::io::Error::other("disk failed"))).unwrap();
         assert!(res.into_body().collect().await.is_err());
-        assert_eq!(within("add_with", done_rx).await.unwrap(), Outcome::BodyError);
+        assert_eq!(
+            within("add_with", done_rx).await.unwrap(),
+            Outcome::BodyError
+        );
         within("idle", handle.wait_idle()).await;
         let expected: &[&str] = if run_on_abort { &["plain"] } else { &[] };
         assert_eq!(log.get(), expected);
@@ -358,14 +379,21 @@ async fn s5_an_inner_error_discards_every_task_and_warns_once() {
         t.add_with(move |_| l3.task("with"));
         async move { Err::<Response<Full<Bytes>>, _>("database down") }
     }));
-    assert_eq!(svc.oneshot(Request::new(())).await.unwrap_err(), "database down");
+    assert_eq!(
+        svc.oneshot(Request::new(())).await.unwrap_err(),
+        "database down"
+    );
     within("idle", handle.wait_idle()).await;
     assert!(log.get().is_empty());
     assert_eq!(handle.stats().discarded, 3);
     let warns = capture.events_at(tracing::Level::WARN);
     assert_eq!(warns.len(), 1, "{warns:?}");
     assert!(warns[0].contains("tasks=3"), "{}", warns[0]);
-    assert!(warns[0].contains("inner service returned an error"), "{}", warns[0]);
+    assert!(
+        warns[0].contains("inner service returned an error"),
+        "{}",
+        warns[0]
+    );
 }
 
 #[tokio::test]
@@ -426,7 +454,12 @@ async fn s6_failing_and_panicking_tasks_are_logged_counted_and_do_not_stop_the_r
     let s = handle.stats();
     assert_eq!((s.completed, s.failed, s.panicked), (3, 2, 2), "{s:?}");
     let errors = capture.events_at(tracing::Level::ERROR).join("\n");
-    for text in ["smtp refused", "cache exploded", "blocking exploded", "disk full"] {
+    for text in [
+        "smtp refused",
+        "cache exploded",
+        "blocking exploded",
+        "disk full",
+    ] {
         assert!(errors.contains(text), "{text:?} not logged in:\n{errors}");
     }
 }
@@ -449,7 +482,11 @@ async fn s6_a_task_past_its_timeout_is_dropped_and_the_next_runs() {
     .await;
     res.into_body().collect().await.unwrap();
     within("idle", handle.wait_idle()).await;
-    assert_eq!(dropped.load(Ordering::SeqCst), 1, "the timed-out future was not dropped");
+    assert_eq!(
+        dropped.load(Ordering::SeqCst),
+        1,
+        "the timed-out future was not dropped"
+    );
     assert_eq!(log.get(), ["next"]);
     let s = handle.stats();
     assert_eq!((s.timed_out, s.completed), (1, 1), "{s:?}");
@@ -517,7 +554,10 @@ async fn s7_a_late_add_joins_the_running_sequence_or_starts_on_its_own() {
     assert_eq!(log.get(), ["first start"]);
     gate.notify_one();
     within("idle", handle.wait_idle()).await;
-    assert_eq!(log.get(), ["first start", "first end", "late while running"]);
+    assert_eq!(
+        log.get(),
+        ["first start", "first end", "late while running"]
+    );
 
     // The sequence has ended: a later add starts on its own.
     tasks.add(log.task("late after the end"));
@@ -660,8 +700,14 @@ async fn s10_tasks_run_in_a_root_span_that_follows_from_the_request() {
         .find(|s| s.name == "background_task")
         .expect("a background_task span");
     assert!(task_span.is_root, "the task span must have no parent");
-    assert_eq!(task_span.fields.get("method").map(String::as_str), Some("POST"));
-    assert_eq!(task_span.fields.get("path").map(String::as_str), Some("/users/7"));
+    assert_eq!(
+        task_span.fields.get("method").map(String::as_str),
+        Some("POST")
+    );
+    assert_eq!(
+        task_span.fields.get("path").map(String::as_str),
+        Some("/users/7")
+    );
     assert_eq!(task_span.follows_from, vec![request_id.clone()]);
     assert!(
         capture.closed(&request_id),
@@ -701,7 +747,11 @@ async fn s11_stats_count_pending_while_streaming_and_every_task_once() {
     gate.notify_one();
     within("idle", handle.wait_idle()).await;
     let s = handle.stats();
-    assert_eq!((s.pending, s.running, s.completed, s.failed), (0, 0, 2, 1), "{s:?}");
+    assert_eq!(
+        (s.pending, s.running, s.completed, s.failed),
+        (0, 0, 2, 1),
+        "{s:?}"
+    );
     assert_eq!(s.total(), 3);
 }
 
@@ -756,7 +806,11 @@ async fn s11_shutdown_cancels_what_outlives_the_grace_period_and_closes_the_laye
     let report = within("shutdown", handle.shutdown(Duration::from_secs(1))).await;
     assert_eq!((report.completed, report.cancelled), (0, 3), "{report:?}");
     settle().await;
-    assert_eq!(dropped.load(Ordering::SeqCst), 1, "the running task was not dropped");
+    assert_eq!(
+        dropped.load(Ordering::SeqCst),
+        1,
+        "the running task was not dropped"
+    );
 
     // After the close, a finishing body and a late add run nothing.
     tx.send(data("x")).unwrap();
@@ -767,7 +821,11 @@ async fn s11_shutdown_cancels_what_outlives_the_grace_period_and_closes_the_laye
     settle().await;
     assert!(log.get().is_empty(), "ran after shutdown: {:?}", log.get());
     let s = handle.stats();
-    assert_eq!((s.cancelled, s.pending, s.running, s.total()), (4, 0, 0, 4), "{s:?}");
+    assert_eq!(
+        (s.cancelled, s.pending, s.running, s.total()),
+        (4, 0, 0, 4),
+        "{s:?}"
+    );
 
     // A second call is consistent: nothing more to do.
     let again = handle.shutdown(Duration::from_secs(1)).await;
@@ -834,7 +892,8 @@ async fn s12_every_task_runs_exactly_once_or_is_counted() {
     let handle = layer.handle();
     const REQUESTS: usize = 300;
     const TASKS: usize = 4;
-    let runs: Arc<Vec<AtomicUsize>> = Arc::new((0..REQUESTS * TASKS).map(|_| AtomicUsize::new(0)).collect());
+    let runs: Arc<Vec<AtomicUsize>> =
+        Arc::new((0..REQUESTS * TASKS).map(|_| AtomicUsize::new(0)).collect());
     let mut calls = Vec::new();
     for r in 0..REQUESTS {
         let runs = runs.clone();
@@ -880,7 +939,11 @@ async fn s12_every_task_runs_exactly_once_or_is_counted() {
     }
     within("idle", handle.wait_idle()).await;
     for (i, n) in runs.iter().enumerate() {
-        assert_eq!(n.load(Ordering::SeqCst), 1, "task {i} ran a wrong number of times");
+        assert_eq!(
+            n.load(Ordering::SeqCst),
+            1,
+            "task {i} ran a wrong number of times"
+        );
     }
     let s = handle.stats();
     assert_eq!(s.completed, (REQUESTS * TASKS) as u64, "{s:?}");
@@ -898,7 +961,11 @@ async fn s13_no_task_spawns_nothing_and_a_sequence_spawns_one_runner() {
     let handle = layer.handle();
     let res = call(&layer, full("x"), |_| {}).await;
     res.into_body().collect().await.unwrap();
-    assert_eq!(metrics.num_alive_tasks(), 0, "a request without tasks spawned something");
+    assert_eq!(
+        metrics.num_alive_tasks(),
+        0,
+        "a request without tasks spawned something"
+    );
 
     let gate = Arc::new(Notify::new());
     let g = gate.clone();
@@ -909,7 +976,11 @@ async fn s13_no_task_spawns_nothing_and_a_sequence_spawns_one_runner() {
     })
     .await;
     res.into_body().collect().await.unwrap();
-    assert_eq!(metrics.num_alive_tasks(), 1, "three sequential tasks, one runner");
+    assert_eq!(
+        metrics.num_alive_tasks(),
+        1,
+        "three sequential tasks, one runner"
+    );
     gate.notify_one();
     within("idle", handle.wait_idle()).await;
     assert_eq!(handle.stats().completed, 3);
@@ -959,12 +1030,21 @@ mod capture {
         }
         pub fn events_at(&self, level: Level) -> Vec<String> {
             let inner = self.0.lock().unwrap();
-            inner.events.iter().filter(|e| e.0 == level).map(|e| e.1.clone()).collect()
+            inner
+                .events
+                .iter()
+                .filter(|e| e.0 == level)
+                .map(|e| e.1.clone())
+                .collect()
         }
         /// The span the first event containing `text` was emitted in.
         pub fn events_in_span(&self, text: &str) -> Option<Id> {
             let inner = self.0.lock().unwrap();
-            inner.events.iter().find(|e| e.1.contains(text)).and_then(|e| e.2.clone())
+            inner
+                .events
+                .iter()
+                .find(|e| e.1.contains(text))
+                .and_then(|e| e.2.clone())
         }
     }
 
@@ -983,7 +1063,8 @@ mod capture {
         fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
             let mut fields = HashMap::new();
             attrs.record(&mut Fields(&mut fields));
-            let is_root = attrs.is_root() || (attrs.is_contextual() && ctx.current_span().id().is_none());
+            let is_root =
+                attrs.is_root() || (attrs.is_contextual() && ctx.current_span().id().is_none());
             self.0.lock().unwrap().spans.push(SpanInfo {
                 id: id.clone(),
                 name: attrs.metadata().name(),

@@ -22,7 +22,8 @@ use tower_background::{BackgroundLayer, BackgroundTasks, Completion, Outcome};
 use support::{data, within, ChannelBody, FrameSender};
 
 type Body = BoxBody<Bytes, std::io::Error>;
-type Handler = Arc<dyn Fn(&Request<hyper::body::Incoming>, &BackgroundTasks) -> Response<Body> + Send + Sync>;
+type Handler =
+    Arc<dyn Fn(&Request<hyper::body::Incoming>, &BackgroundTasks) -> Response<Body> + Send + Sync>;
 
 /// Serves `handler` behind `layer` on 127.0.0.1:0 until the test ends.
 async fn serve(layer: &BackgroundLayer, handler: Handler) -> SocketAddr {
@@ -94,14 +95,24 @@ async fn the_next_request_on_a_keep_alive_connection_does_not_wait_for_tasks() {
     .await;
 
     let mut conn = http1(addr).await;
-    let first = within("first", conn.send_request(get("/slow-task"))).await.unwrap();
-    within("first body", first.into_body().collect()).await.unwrap();
+    let first = within("first", conn.send_request(get("/slow-task")))
+        .await
+        .unwrap();
+    within("first body", first.into_body().collect())
+        .await
+        .unwrap();
     // Same connection, while the first request's task is still running.
     conn.ready().await.unwrap();
     let second = within("second", conn.send_request(get("/"))).await.unwrap();
-    let body = within("second body", second.into_body().collect()).await.unwrap();
+    let body = within("second body", second.into_body().collect())
+        .await
+        .unwrap();
     assert_eq!(body.to_bytes(), "ok");
-    assert_eq!(handle.stats().running, 1, "the first task should still be running");
+    assert_eq!(
+        handle.stats().running,
+        1,
+        "the first task should still be running"
+    );
     gate.notify_one();
     within("idle", handle.wait_idle()).await;
     assert_eq!(handle.stats().completed, 1);
@@ -193,7 +204,9 @@ async fn head_and_no_content_responses_run_tasks_with_no_body() {
         .unwrap();
     let res = within("HEAD", conn.send_request(head)).await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
-    within("HEAD body", res.into_body().collect()).await.unwrap();
+    within("HEAD body", res.into_body().collect())
+        .await
+        .unwrap();
     let (method, c) = within("HEAD task", rx.recv()).await.unwrap();
     assert_eq!(method, Method::HEAD);
     assert!(c.outcome().is_delivered(), "{c:?}");
@@ -245,7 +258,9 @@ async fn a_streaming_body_with_content_length_is_finished_when_its_last_byte_is_
     )
     .await;
     let mut conn = http1(addr).await;
-    let res = within("response", conn.send_request(get("/"))).await.unwrap();
+    let res = within("response", conn.send_request(get("/")))
+        .await
+        .unwrap();
     let body = within("body", res.into_body().collect()).await.unwrap();
     assert_eq!(body.to_bytes(), "hello world");
     // Either hyper polled once more (and the body is still open: it waits)

@@ -107,7 +107,12 @@ fn call(
     frames: usize,
     respond: bool,
     queue: impl FnOnce(&BackgroundTasks) + 'static,
-) -> (<tower_background::BackgroundService<Handler<Box<dyn FnOnce(&BackgroundTasks)>>> as Service<Request<()>>>::Future, BackgroundTasks) {
+) -> (
+    <tower_background::BackgroundService<Handler<Box<dyn FnOnce(&BackgroundTasks)>>> as Service<
+        Request<()>,
+    >>::Future,
+    BackgroundTasks,
+) {
     let slot = Arc::new(Mutex::new(None));
     let s = slot.clone();
     let queue: Box<dyn FnOnce(&BackgroundTasks)> = Box::new(move |t: &BackgroundTasks| {
