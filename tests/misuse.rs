@@ -385,3 +385,64 @@ async fn wait_idle_while_requests_keep_arriving() {
     assert_eq!(stats.completed, REQUESTS as u64);
     assert_eq!(stats.total(), REQUESTS as u64);
 }
+
+/// A clone of the queue moved to a thread outside any runtime (a sync
+/// callback, a thread pool) adds a task after the response finished: a late
+/// add still runs (issue 3, points 7 and 9: the tasks run on the runtime
+/// that served the request, captured when the request arrived).
+#[tokio::test]
+async fn a_late_add_from_a_thread_outside_the_runtime_still_runs() {
+    let layer = BackgroundLayer::new();
+    let handle = layer.handle();
+    let (clone_tx, clone_rx) = oneshot::channel::<BackgroundTasks>();
+    let clone_tx = Mutex::new(Some(clone_tx));
+    let res = one_request(&layer, move |tasks| {
+        let _ = clone_tx.lock().unwrap().take().unwrap().send(tasks.clone());
+    })
+    .await;
+    res.into_body().collect().await.unwrap(); // finished, no task yet
+    let tasks = clone_rx.await.unwrap();
+    let (ran_tx, ran_rx) = oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        tasks.add(async move {
+            let _ = ran_tx.send(());
+        });
+    })
+    .join()
+    .unwrap();
+    within("the late task added off the runtime", ran_rx)
+        .await
+        .expect("the task ran (it was not cancelled)");
+    within("idle", handle.wait_idle()).await;
+    let stats = handle.stats();
+    assert_eq!((stats.completed, stats.cancelled), (1, 0), "{stats:?}");
+}
+
+/// The same, with the handler's own tasks added from a thread outside the
+/// runtime and the body dropped on such a thread: the tasks still run on
+/// the runtime that served the request.
+#[tokio::test]
+async fn tasks_added_and_finished_off_the_runtime_still_run() {
+    let layer = BackgroundLayer::new();
+    let handle = layer.handle();
+    let (ran_tx, ran_rx) = oneshot::channel::<()>();
+    let ran_tx = Mutex::new(Some(ran_tx));
+    let res = one_request(&layer, move |tasks| {
+        let tasks = tasks.clone();
+        let ran_tx = ran_tx.lock().unwrap().take().unwrap();
+        std::thread::spawn(move || {
+            tasks.add(async move {
+                let _ = ran_tx.send(());
+            })
+        })
+        .join()
+        .unwrap();
+    })
+    .await;
+    std::thread::spawn(move || drop(res)).join().unwrap();
+    within("the task", ran_rx)
+        .await
+        .expect("the task ran (it was not cancelled)");
+    within("idle", handle.wait_idle()).await;
+    assert_eq!(handle.stats().completed, 1);
+}
