@@ -6,9 +6,11 @@
 //! every task and the final `Stats` are compared with a small reference model
 //! of the core semantics (issue 3, points 1-12).
 //!
-//! Each case runs on its own current-thread runtime with real time: the task
+//! Each case runs on its own runtime (current-thread, or multi-thread with two
+//! workers), with real time; late adds and the body's drop may happen on a
+//! thread outside the runtime. The task
 //! timeout is short (`TIMEOUT`) and only "slow" tasks wait for it. The case
-//! count is `PROPTEST_CASES` (default 256); a failing case shrinks to a small
+//! count is `PROPTEST_CASES` (default 512); a failing case shrinks to a small
 //! `Scenario`, printed with the model's expectations next to what happened.
 
 use std::future::Future;
@@ -118,6 +120,11 @@ struct Scenario {
     shutdown: Option<(u8, Grace)>,
     /// Yield to the runtime at every checkpoint (lets runners progress).
     yields: bool,
+    /// A multi-thread runtime (two workers) instead of a current-thread one.
+    multi_thread: bool,
+    /// Late adds and the drop of the body happen on a thread outside the
+    /// runtime (issue 3, point 9).
+    off_runtime: bool,
 }
 
 fn kind() -> impl Strategy<Value = Kind> {
@@ -185,9 +192,11 @@ fn scenario() -> impl Strategy<Value = Scenario> {
             ),
         ),
         any::<bool>(),
+        any::<bool>(),
+        prop::bool::weighted(0.25),
     )
         .prop_map(
-            |(execution, run_on_abort, timeout, limit, reply, tasks, shutdown, yields)| Scenario {
+            |(
                 execution,
                 run_on_abort,
                 timeout,
@@ -196,6 +205,19 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                 tasks,
                 shutdown,
                 yields,
+                multi_thread,
+                off_runtime,
+            )| Scenario {
+                execution,
+                run_on_abort,
+                timeout,
+                limit,
+                reply,
+                tasks,
+                shutdown,
+                yields,
+                multi_thread,
+                off_runtime,
             },
         )
 }
@@ -284,7 +306,9 @@ fn simulate(
                         *r -= 1;
                     }
                 }
-                if eos_hint && idx == frames.len() {
+                // Trailers are the last frame: they end the body (servers do
+                // not poll for the `None` after them).
+                if frame == End::Trailers || (eos_hint && idx == frames.len()) {
                     finished.get_or_insert((cp, Outcome::Finished));
                 }
             }
@@ -542,7 +566,14 @@ impl Driver<'_> {
             if self.s.tasks[i].late.is_some() && self.m.add_cp[i] == cp {
                 let tasks = self.tasks.lock().unwrap().clone();
                 let tasks = tasks.expect("the handler ran before any late add");
-                add_task(&tasks, self.s, i, &self.log);
+                if self.s.off_runtime {
+                    let (s, log) = (self.s, &self.log);
+                    std::thread::scope(|scope| {
+                        scope.spawn(|| add_task(&tasks, s, i, log));
+                    });
+                } else {
+                    add_task(&tasks, self.s, i, &self.log);
+                }
             }
         }
         if self.s.yields {
@@ -656,7 +687,11 @@ async fn drive(s: &Scenario, m: &Model) -> Observed {
                     Some(Ok(_)) => {}
                 }
             }
-            drop(body);
+            if s.off_runtime {
+                std::thread::spawn(move || drop(body)).join().unwrap();
+            } else {
+                drop(body);
+            }
             d.checkpoint(2 + polls).await;
         }
         Reply::ServiceError => {
@@ -709,10 +744,17 @@ fn silence_deliberate_panics() {
 fn run_case(s: &Scenario) -> Result<(), TestCaseError> {
     silence_deliberate_panics();
     let m = Model::new(s);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = if s.multi_thread {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    }
+    .unwrap();
     let o = rt.block_on(drive(s, &m));
     rt.shutdown_background();
     let ctx = format!(
@@ -824,7 +866,7 @@ fn cases() -> u32 {
     std::env::var("PROPTEST_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(256)
+        .unwrap_or(512)
 }
 
 proptest! {
@@ -862,6 +904,8 @@ fn base(reply: Reply, tasks: Vec<TaskSpec>) -> Scenario {
         tasks,
         shutdown: None,
         yields: true,
+        multi_thread: false,
+        off_runtime: false,
     }
 }
 
@@ -975,5 +1019,21 @@ fn model_body_error_without_run_on_abort() {
     s.run_on_abort = false;
     s.timeout = false;
     s.yields = false;
+    fixed(s);
+}
+
+/// Regression (issue 3, point 9): no task added by the handler; a late add
+/// and the drop of the body happen outside the runtime. The tasks must run
+/// on the runtime that served the request.
+#[test]
+fn model_late_add_and_drop_off_the_runtime() {
+    let mut s = base(
+        streamed(2, Some(1)),
+        vec![
+            t(Kind::Add, Behave::Ok, Some(0)),
+            t(Kind::With, Behave::Ok, Some(2)),
+        ],
+    );
+    s.off_runtime = true;
     fixed(s);
 }
