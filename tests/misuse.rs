@@ -446,3 +446,98 @@ async fn tasks_added_and_finished_off_the_runtime_still_run() {
     within("idle", handle.wait_idle()).await;
     assert_eq!(handle.stats().completed, 1);
 }
+
+/// The runtime that serves the requests goes away (dropped) while one task
+/// runs, two wait behind it, and another request's body is still held:
+/// nothing is lost silently. Every task is counted (cancelled), nothing is
+/// left pending or running, and dropping the held body afterwards (no
+/// runtime anywhere) neither panics nor runs its task.
+#[test]
+fn the_runtime_going_away_cancels_and_counts_every_task() {
+    let layer = BackgroundLayer::new();
+    let handle = layer.handle();
+    let ran = Arc::new(AtomicUsize::new(0));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let held = rt.block_on(async {
+        let (started_tx, started_rx) = oneshot::channel::<()>();
+        let r = Arc::clone(&ran);
+        let res = one_request(&layer, move |tasks| {
+            tasks.add(async move {
+                let _ = started_tx.send(());
+                std::future::pending::<()>().await;
+            });
+            let r2 = Arc::clone(&r);
+            tasks.add(async move {
+                r2.fetch_add(1, Ordering::SeqCst);
+            });
+            tasks.add_blocking(move || {
+                r.fetch_add(1, Ordering::SeqCst);
+            });
+        })
+        .await;
+        drop(res);
+        within("the first task", started_rx).await.unwrap();
+        let r = Arc::clone(&ran);
+        one_request(&layer, move |tasks| {
+            tasks.add(async move {
+                r.fetch_add(1, Ordering::SeqCst);
+            })
+        })
+        .await
+    });
+    let stats = handle.stats();
+    assert_eq!((stats.running, stats.pending), (1, 3), "{stats:?}");
+    drop(rt);
+    let stats = handle.stats();
+    assert_eq!(
+        (stats.running, stats.pending, stats.cancelled),
+        (0, 1, 3),
+        "{stats:?}"
+    );
+    // The held body is dropped with no runtime at all.
+    drop(held);
+    let stats = handle.stats();
+    assert_eq!(
+        ran.load(Ordering::SeqCst),
+        0,
+        "no task ran after its runtime went away"
+    );
+    assert_eq!((stats.pending, stats.running), (0, 0), "{stats:?}");
+    assert_eq!((stats.cancelled, stats.total()), (4, 4), "{stats:?}");
+}
+
+/// During the grace period, bodies that finish still start their tasks: a
+/// shutdown started while a response streams waits for it, and its tasks
+/// run and are reported as completed.
+#[tokio::test]
+async fn shutdown_grace_waits_for_a_body_that_finishes_during_it() {
+    let layer = BackgroundLayer::new();
+    let handle = layer.handle();
+    let log = Log::default();
+    let (tx, body) = ChannelBody::new();
+    let body = Mutex::new(Some(body));
+    let l = log.clone();
+    let svc = layer.layer(service_fn(move |req: Request<()>| {
+        let tasks = req.extensions().get::<BackgroundTasks>().unwrap();
+        tasks.add(l.task("one"));
+        tasks.add(l.task("two"));
+        let body = body.lock().unwrap().take().expect("called once");
+        async move { Res::Ok(Response::new(body)) }
+    }));
+    let res = svc.oneshot(Request::new(())).await.unwrap();
+    let mut body = res.into_body();
+    tx.send(chunk("first")).unwrap();
+    body.frame().await.unwrap().unwrap();
+    let shutdown = tokio::spawn(handle.shutdown(Duration::from_secs(10)));
+    tokio::task::yield_now().await;
+    assert!(!shutdown.is_finished());
+    drop(tx);
+    assert!(body.frame().await.is_none()); // the body ends during the grace
+    let report = within("the shutdown", shutdown).await.unwrap();
+    assert_eq!((report.completed, report.cancelled), (2, 0));
+    assert_eq!(log.get(), ["one", "two"]);
+}
