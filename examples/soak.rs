@@ -11,10 +11,11 @@
 //! ```text
 //! cargo run --release --example soak                       # 200000 requests, C = 256, K = 3
 //! cargo run --release --example soak -- --requests 50000 --concurrency 64 --tasks 5
+//! cargo run --release --example soak -- --rounds 5   # five background runs
 //! ```
 //!
 //! Exits with status 1 if any run lost or duplicated a task, or if the
-//! second background run ended more than 10% (at least 8 MiB) above the
+//! last background run ended more than 10% (at least 8 MiB) above the
 //! highest figure of the earlier runs (the allocator keeps freed pages).
 
 use std::convert::Infallible;
@@ -45,6 +46,8 @@ struct Args {
     requests: u64,
     concurrency: u64,
     tasks: u64,
+    /// Background runs (the spawn baseline runs once, after the first).
+    rounds: u64,
 }
 
 fn parse_args() -> Args {
@@ -52,6 +55,7 @@ fn parse_args() -> Args {
         requests: 200_000,
         concurrency: 256,
         tasks: 3,
+        rounds: 2,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -60,7 +64,7 @@ fn parse_args() -> Args {
             .and_then(|v| v.replace('_', "").parse::<u64>().ok());
         let (Some(value), true) = (value, value.is_some_and(|v| v > 0)) else {
             eprintln!(
-                "usage: soak [--requests N] [--concurrency C] [--tasks K] (positive integers)"
+                "usage: soak [--requests N] [--concurrency C] [--tasks K] [--rounds R] (positive integers)"
             );
             std::process::exit(2);
         };
@@ -68,6 +72,7 @@ fn parse_args() -> Args {
             "--requests" | "-n" => args.requests = value,
             "--concurrency" | "-c" => args.concurrency = value,
             "--tasks" | "-k" => args.tasks = value,
+            "--rounds" => args.rounds = value.max(2),
             other => {
                 eprintln!("unknown argument {other}");
                 std::process::exit(2);
@@ -268,12 +273,15 @@ async fn main() {
         args.requests, args.concurrency, args.tasks, workers
     );
     let mut runs = Vec::new();
-    for (mode, label) in [
-        (Mode::Background, "tower-background, run 1"),
-        (Mode::Spawn, "tokio::spawn in the handler"),
-        (Mode::Background, "tower-background, run 2"),
-    ] {
-        let r = tokio::time::timeout(RUN_LIMIT, run(mode, label, args))
+    let mut plan = vec![
+        (Mode::Background, "tower-background, run 1".to_owned()),
+        (Mode::Spawn, "tokio::spawn in the handler".to_owned()),
+    ];
+    for round in 2..=args.rounds {
+        plan.push((Mode::Background, format!("tower-background, run {round}")));
+    }
+    for (mode, label) in plan {
+        let r = tokio::time::timeout(RUN_LIMIT, run(mode, &label, args))
             .await
             .unwrap_or_else(|_| panic!("{label} took longer than {RUN_LIMIT:?}"));
         println!(
@@ -303,13 +311,16 @@ async fn main() {
     let lost = runs
         .iter()
         .any(|r| r.completed != r.expected || r.requests != args.requests);
-    // The allocator keeps freed pages, so the yardstick for the second run
+    // The allocator keeps freed pages, so the yardstick for the last run
     // is the highest figure any earlier run left behind (the spawn baseline
     // included), with 10% (at least 8 MiB) of slack.
-    let (first, baseline, second) = (&runs[0], &runs[1], &runs[2]);
+    let (earlier, last) = runs.split_at(runs.len() - 1);
+    let last = &last[0];
+    let (first, baseline) = (&earlier[0], &earlier[1]);
+    let highest_after = earlier.iter().map(|r| r.after).max().unwrap_or(0);
+    let highest_peak = earlier.iter().map(|r| r.peak).max().unwrap_or(0);
     let slack = |kib: u64| kib + (kib / 10).max(8 * 1024);
-    let grew = second.after > slack(first.after.max(baseline.after))
-        || second.peak > slack(first.peak.max(baseline.peak));
+    let grew = last.after > slack(highest_after) || last.peak > slack(highest_peak);
     println!();
     println!(
         "tasks: {}",
@@ -320,13 +331,16 @@ async fn main() {
         }
     );
     println!(
-        "second background run: after {} (first {}, spawn baseline {}), peak {} (first {}, spawn baseline {}): {}",
-        mib(second.after),
+        "last background run: after {} (first {}, spawn baseline {}, highest earlier {}), \
+         peak {} (first {}, spawn baseline {}, highest earlier {}): {}",
+        mib(last.after),
         mib(first.after),
         mib(baseline.after),
-        mib(second.peak),
+        mib(highest_after),
+        mib(last.peak),
         mib(first.peak),
         mib(baseline.peak),
+        mib(highest_peak),
         if grew { "GREW" } else { "no growth" }
     );
     if lost || grew {
