@@ -12,9 +12,8 @@
 //!
 //! The word also records whether any task was ever added, so a request that
 //! adds none ends with one atomic operation: no lock, no spawn. Everything
-//! else (the list of tasks, whether a runner is draining it, the runtime to
-//! spawn on) sits behind the request's mutex, which only task-adding requests
-//! ever take.
+//! else (the list of tasks, whether a runner is draining it) sits behind the
+//! request's mutex, which only task-adding requests ever take.
 
 use std::fmt;
 use std::future::Future;
@@ -251,6 +250,9 @@ pub(crate) struct RequestQueue {
     pub(crate) shared: Arc<Shared>,
     /// `None` when INFO spans were disabled as the request arrived.
     request: Option<RequestInfo>,
+    /// The runtime that served the request: tasks run there, wherever
+    /// they are added or their body ends.
+    runtime: Option<Handle>,
     phase: AtomicU32,
     /// Added and not started: what [`BackgroundTasks::len`] reports.
     pub(crate) not_started: AtomicUsize,
@@ -264,8 +266,6 @@ pub(crate) struct QueueState {
     pub(crate) waiting: TaskList,
     /// A sequence runner is draining `waiting` (sequential execution only).
     pub(crate) draining: bool,
-    /// The runtime of the thread that added the first task.
-    runtime: Option<Handle>,
 }
 
 /// What to do once the request's lock is released.
@@ -286,6 +286,7 @@ impl RequestQueue {
         Self {
             shared,
             request,
+            runtime: Handle::try_current().ok(),
             phase: AtomicU32::new(OPEN),
             not_started: AtomicUsize::new(0),
             state: Mutex::new(QueueState::default()),
@@ -325,9 +326,6 @@ impl RequestQueue {
     fn enqueue(self: &Arc<Self>, job: Box<dyn Job>) {
         let registry = &self.shared.registry;
         let mut state = self.lock();
-        if state.runtime.is_none() {
-            state.runtime = Handle::try_current().ok();
-        }
         // The linearization point against `finish`/`discard`: whoever comes
         // second sees the other's bit.
         let word = self.phase.fetch_or(HAS_TASKS, Ordering::AcqRel);
@@ -356,10 +354,9 @@ impl RequestQueue {
         };
         // A late add: the response already finished.
         let (dispatch, dropped) = self.dispatch(&mut state, completion);
-        let runtime = state.runtime.clone();
         drop(state);
         self.discard_plain(dropped);
-        self.spawn(dispatch, runtime, completion);
+        self.spawn(dispatch, completion);
     }
 
     /// The response body finished (or was dropped) like `completion` says.
@@ -373,10 +370,9 @@ impl RequestQueue {
         }
         let mut state = self.lock();
         let (dispatch, dropped) = self.dispatch(&mut state, completion);
-        let runtime = state.runtime.clone();
         drop(state);
         self.discard_plain(dropped);
-        self.spawn(dispatch, runtime, completion);
+        self.spawn(dispatch, completion);
     }
 
     /// There will be no response: discard every task.
@@ -439,20 +435,15 @@ impl RequestQueue {
         );
     }
 
-    fn spawn(
-        self: &Arc<Self>,
-        dispatch: Dispatch,
-        runtime: Option<Handle>,
-        completion: Completion,
-    ) {
+    fn spawn(self: &Arc<Self>, dispatch: Dispatch, completion: Completion) {
         if let Dispatch::Nothing = dispatch {
             return;
         }
-        let runtime = runtime.or_else(|| Handle::try_current().ok());
+        let runtime = self.runtime.clone().or_else(|| Handle::try_current().ok());
         if runtime.is_none() && cfg!(not(tower_background_loom)) {
             tracing::error!(
-                "no tokio runtime to run background tasks on: add tasks from within the \
-                 runtime that serves the request; cancelling them"
+                "no tokio runtime to run background tasks on: serve the request from \
+                 within a tokio runtime; cancelling them"
             );
         }
         let spawn = |runner: Runner| {
