@@ -58,6 +58,10 @@ struct Options {
     secs: f64,
     warmup: f64,
     client_threads: usize,
+    /// The throughput variants; the first is the baseline of the ratios.
+    variants: Vec<String>,
+    /// Requests measured per variant in the `instructions` mode.
+    requests: u64,
 }
 
 impl Options {
@@ -68,6 +72,10 @@ impl Options {
             secs: 3.0,
             warmup: 1.0,
             client_threads: 2,
+            variants: ["bare", "layer_no_task", "layer_1_task", "spawn_1_task"]
+                .map(String::from)
+                .to_vec(),
+            requests: 20_000,
         };
         let mut it = args.iter();
         while let Some(a) = it.next() {
@@ -82,9 +90,16 @@ impl Options {
                 "--secs" | "-s" => o.secs = value().parse().expect("seconds"),
                 "--warmup" | "-w" => o.warmup = value().parse().expect("seconds"),
                 "--client-threads" => o.client_threads = value().parse().expect("a number"),
-                "rss" => {}
+                "--variants" => {
+                    o.variants = value().split(',').map(String::from).collect();
+                    for v in &o.variants {
+                        variant(v);
+                    }
+                }
+                "rss" | "instructions" => {}
+                "--requests" => o.requests = value().parse().expect("a number"),
                 other => panic!(
-                    "unknown argument {other:?}; usage: loadtest [rss] [--concurrency N] [--rounds N] \
+                    "unknown argument {other:?}; usage: loadtest [rss] [--variants a,b,..] [--concurrency N] [--rounds N] \
                      [--secs S] [--warmup S] [--client-threads N]"
                 ),
             }
@@ -99,6 +114,7 @@ fn main() {
     match args.first().map(String::as_str) {
         Some("serve") => serve(args.get(1).expect("serve VARIANT")),
         Some("rss") => rss(&Options::parse(&args)),
+        Some("instructions") => instructions(&Options::parse(&args)),
         _ => throughput(&Options::parse(&args)),
     }
 }
@@ -145,27 +161,80 @@ impl http_body::Body for StampBody {
     }
 }
 
+pin_project_lite::pin_project! {
+    /// A body that forwards everything (the `floor_no_task` variant).
+    struct PassBody<B> {
+        #[pin]
+        inner: B,
+    }
+}
+
+impl<B: http_body::Body> http_body::Body for PassBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 async fn hello() -> &'static str {
     "hello"
 }
 
-fn app(variant: &str, layer: BackgroundLayer) -> Router {
-    let handle = layer.handle();
-    let router = match variant {
-        "bare" => Router::new().route("/", get(hello)),
-        "layer_no_task" => Router::new().route("/", get(hello)).layer(layer),
-        "layer_1_task" => Router::new()
-            .route(
-                "/",
-                get(|Extension(tasks): Extension<BackgroundTasks>| async move {
-                    tasks.add(async {
-                        RAN.fetch_add(1, Ordering::Relaxed);
-                    });
-                    "hello"
-                }),
-            )
-            .layer(layer),
-        "spawn_1_task" => Router::new().route(
+/// Where a variant puts `BackgroundLayer`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Placement {
+    /// No layer.
+    None,
+    /// `Router::layer`, as an application usually does.
+    Route,
+    /// Not `BackgroundLayer` but the floor of its shape, by `Router::layer`:
+    /// a layer that inserts one `Arc` (of the size of a request's queue)
+    /// into the request's extensions and wraps the response body in a
+    /// pass-through body.
+    Floor,
+}
+
+/// The handler of `/` and where the layer goes, by variant name.
+fn variant(name: &str) -> (&'static str, Placement) {
+    match name {
+        "bare" => ("hello", Placement::None),
+        "layer_no_task" => ("hello", Placement::Route),
+        "layer_1_task" => ("task", Placement::Route),
+        "spawn_1_task" => ("spawn", Placement::None),
+        "floor_no_task" => ("hello", Placement::Floor),
+        "layer_1_task_delay" => ("delay", Placement::Route),
+        "layer_sleep" => ("task_sleep", Placement::Route),
+        "spawn_sleep" => ("spawn_sleep", Placement::None),
+        other => panic!("unknown variant {other:?}"),
+    }
+}
+
+fn routes(handler: &str) -> Router {
+    match handler {
+        "hello" => Router::new().route("/", get(hello)),
+        "task" => Router::new().route(
+            "/",
+            get(|Extension(tasks): Extension<BackgroundTasks>| async move {
+                tasks.add(async {
+                    RAN.fetch_add(1, Ordering::Relaxed);
+                });
+                "hello"
+            }),
+        ),
+        "spawn" => Router::new().route(
             "/",
             get(|| async {
                 tokio::spawn(async {
@@ -174,42 +243,38 @@ fn app(variant: &str, layer: BackgroundLayer) -> Router {
                 "hello"
             }),
         ),
-        "layer_1_task_delay" => Router::new()
-            .route(
-                "/",
-                get(|Extension(tasks): Extension<BackgroundTasks>| async move {
-                    let ended_at = Arc::new(AtomicU64::new(0));
-                    let stamp = Arc::clone(&ended_at);
-                    tasks.add(async move {
-                        let first_poll = now_ns();
-                        let end = stamp.load(Ordering::Acquire);
-                        if end > 0 {
-                            DELAYS
-                                .lock()
-                                .expect("not poisoned")
-                                .push(first_poll.saturating_sub(end));
-                        }
-                        RAN.fetch_add(1, Ordering::Relaxed);
-                    });
-                    Response::new(axum::body::Body::new(StampBody {
-                        data: Some(Bytes::from_static(b"hello")),
-                        ended_at,
-                    }))
-                }),
-            )
-            .layer(layer),
-        "layer_sleep" => Router::new()
-            .route(
-                "/",
-                get(|Extension(tasks): Extension<BackgroundTasks>| async move {
-                    tasks.add(async {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        RAN.fetch_add(1, Ordering::Relaxed);
-                    });
-                    "hello"
-                }),
-            )
-            .layer(layer),
+        "delay" => Router::new().route(
+            "/",
+            get(|Extension(tasks): Extension<BackgroundTasks>| async move {
+                let ended_at = Arc::new(AtomicU64::new(0));
+                let stamp = Arc::clone(&ended_at);
+                tasks.add(async move {
+                    let first_poll = now_ns();
+                    let end = stamp.load(Ordering::Acquire);
+                    if end > 0 {
+                        DELAYS
+                            .lock()
+                            .expect("not poisoned")
+                            .push(first_poll.saturating_sub(end));
+                    }
+                    RAN.fetch_add(1, Ordering::Relaxed);
+                });
+                Response::new(axum::body::Body::new(StampBody {
+                    data: Some(Bytes::from_static(b"hello")),
+                    ended_at,
+                }))
+            }),
+        ),
+        "task_sleep" => Router::new().route(
+            "/",
+            get(|Extension(tasks): Extension<BackgroundTasks>| async move {
+                tasks.add(async {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    RAN.fetch_add(1, Ordering::Relaxed);
+                });
+                "hello"
+            }),
+        ),
         "spawn_sleep" => Router::new().route(
             "/",
             get(|| async {
@@ -220,10 +285,35 @@ fn app(variant: &str, layer: BackgroundLayer) -> Router {
                 "hello"
             }),
         ),
-        other => panic!("unknown variant {other:?}"),
-    };
-    // Control route, outside the measured one: waits for the tasks, then
-    // reports `ran completed delays p50 p99` (delays in ns).
+        other => unreachable!("handler {other}"),
+    }
+}
+
+/// The variant's router, with the layer in place for `Placement::Route`,
+/// plus the control route `/stats/{expect}` (outside the layer): it waits
+/// for the tasks, then reports `ran completed delays p50 p99` (delays in ns).
+fn app(name: &str, layer: &BackgroundLayer) -> Router {
+    let (handler, placement) = variant(name);
+    let mut router = routes(handler);
+    match placement {
+        Placement::None => {}
+        Placement::Route => router = router.layer(layer.clone()),
+        Placement::Floor => {
+            #[derive(Clone)]
+            struct Marker(#[allow(dead_code)] Arc<[u64; 23]>);
+            router = router.layer(
+                tower::ServiceBuilder::new()
+                    .map_request(|mut req: axum::extract::Request| {
+                        req.extensions_mut().insert(Marker(Arc::new([0; 23])));
+                        req
+                    })
+                    .map_response(|res: axum::response::Response| {
+                        res.map(|inner| axum::body::Body::new(PassBody { inner }))
+                    }),
+            );
+        }
+    }
+    let handle = layer.handle();
     router.route(
         "/stats/{expect}",
         get(move |Path(expect): Path<u64>| stats(handle.clone(), expect)),
@@ -271,7 +361,8 @@ fn serve(variant: &str) {
         let port = listener.local_addr().expect("an address").port();
         println!("{port}");
         std::io::stdout().flush().expect("stdout");
-        axum::serve(listener, app(variant, BackgroundLayer::new()))
+        let layer = BackgroundLayer::new();
+        axum::serve(listener, app(variant, &layer))
             .await
             .expect("serve");
     });
@@ -279,15 +370,24 @@ fn serve(variant: &str) {
 
 /// A server variant in a child process of this binary.
 struct Server {
-    variant: &'static str,
+    variant: String,
     child: Child,
     addr: SocketAddr,
 }
 
 impl Server {
-    fn start(variant: &'static str) -> Self {
-        let mut child = Command::new(std::env::current_exe().expect("current exe"))
-            .args(["serve", variant])
+    fn start(variant: &str) -> Self {
+        Self::start_under(variant, &[])
+    }
+
+    /// Starts the server under `wrapper` (e.g. `valgrind --tool=callgrind`).
+    fn start_under(variant: &str, wrapper: &[&str]) -> Self {
+        let exe = std::env::current_exe().expect("current exe");
+        let exe = exe.to_str().expect("a UTF-8 path");
+        let mut argv: Vec<&str> = wrapper.to_vec();
+        argv.extend([exe, "serve", variant]);
+        let mut child = Command::new(argv[0])
+            .args(&argv[1..])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -298,7 +398,7 @@ impl Server {
             .expect("read the port");
         let port: u16 = line.trim().parse().expect("the server prints its port");
         Server {
-            variant,
+            variant: variant.to_owned(),
             child,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
         }
@@ -572,7 +672,7 @@ fn describe_machine(o: &Options) {
 
 fn throughput(o: &Options) {
     describe_machine(o);
-    let variants = ["bare", "layer_no_task", "layer_1_task", "spawn_1_task"];
+    let variants: Vec<&str> = o.variants.iter().map(String::as_str).collect();
     let servers: Vec<Server> = variants.iter().map(|v| Server::start(v)).collect();
     let client = client_runtime(o);
     let mut rounds: Vec<Vec<Round>> = vec![Vec::new(); variants.len()];
@@ -602,11 +702,11 @@ fn throughput(o: &Options) {
     for (i, server) in servers.iter().enumerate() {
         let responses: u64 = rounds[i].iter().map(|r| r.responses).sum();
         let s = client.block_on(server.stats(responses));
-        checks.push((server.variant, responses, s));
+        checks.push((server.variant.as_str(), responses, s));
     }
 
     println!();
-    println!("| variant | req/s median (min-max) | ratio to bare (paired median) | p50 latency | p99 latency | server CPU/request |");
+    println!("| variant | req/s median (min-max) | ratio to the first variant (paired median) | p50 latency | p99 latency | server CPU/request |");
     println!("|---|---|---|---|---|---|");
     let bare_rps: Vec<f64> = rounds[0].iter().map(Round::rps).collect();
     for (i, v) in variants.iter().enumerate() {
@@ -631,38 +731,72 @@ fn throughput(o: &Options) {
             median(&cpu),
         );
     }
-    let layer_1: Vec<f64> = rounds[2].iter().map(Round::rps).collect();
-    let spawn_1: Vec<f64> = rounds[3].iter().map(Round::rps).collect();
-    let tput: Vec<f64> = layer_1.iter().zip(&spawn_1).map(|(a, b)| a / b).collect();
-    let cpu_ratio: Vec<f64> = rounds[2]
-        .iter()
-        .zip(&rounds[3])
-        .map(|(a, b)| a.cpu_us_per_request() / b.cpu_us_per_request())
-        .collect();
-    let no_task: Vec<f64> = rounds[1]
-        .iter()
-        .map(Round::rps)
-        .zip(&bare_rps)
-        .map(|(a, b)| a / b)
-        .collect();
+    // Paired ratios of the targets, for the variants that were run.
+    let index = |name: &str| variants.iter().position(|v| *v == name);
+    let paired = |a: usize, b: usize, f: fn(&Round) -> f64| -> f64 {
+        let ratios: Vec<f64> = rounds[a]
+            .iter()
+            .zip(&rounds[b])
+            .map(|(x, y)| f(x) / f(y))
+            .collect();
+        median(&ratios)
+    };
     println!();
-    println!(
-        "targets: layer_no_task / bare = {:.3} (>= 0.97); layer_1_task / spawn_1_task = {:.3} (>= 0.97); \
-         CPU/request layer_1_task / spawn_1_task = {:.3} (<= 1.05)   [paired medians over {} rounds]",
-        median(&no_task),
-        median(&tput),
-        median(&cpu_ratio),
-        o.rounds
-    );
+    for (a, b, what, target) in [
+        ("layer_no_task", "bare", "throughput", ">= 0.97"),
+        (
+            "floor_no_task",
+            "bare",
+            "throughput",
+            "none: the floor of the layer's shape",
+        ),
+        (
+            "layer_no_task",
+            "floor_no_task",
+            "throughput",
+            "none: the layer over its floor",
+        ),
+        ("layer_1_task", "spawn_1_task", "throughput", ">= 0.97"),
+        (
+            "layer_1_task_outer",
+            "spawn_1_task",
+            "throughput",
+            ">= 0.97",
+        ),
+        (
+            "layer_1_task",
+            "spawn_1_task",
+            "server CPU/request",
+            "<= 1.05",
+        ),
+        (
+            "layer_1_task_outer",
+            "spawn_1_task",
+            "server CPU/request",
+            "<= 1.05",
+        ),
+    ] {
+        if let (Some(ia), Some(ib)) = (index(a), index(b)) {
+            let ratio = if what == "throughput" {
+                paired(ia, ib, Round::rps)
+            } else {
+                paired(ia, ib, Round::cpu_us_per_request)
+            };
+            println!(
+                "target: {what} {a} / {b} = {ratio:.3} (target {target}; paired median over {} rounds)",
+                o.rounds
+            );
+        }
+    }
     println!();
     println!(
         "| variant | responses received | tasks run | counted completed by the layer | check |"
     );
     println!("|---|---|---|---|---|");
     for (v, responses, s) in &checks {
-        let (expected_ran, check) = match *v {
-            "layer_1_task" => (*responses, s.ran == *responses && s.completed == *responses),
-            "spawn_1_task" => (*responses, s.ran == *responses),
+        let (expected_ran, check) = match variant(v) {
+            ("task", _) => (*responses, s.ran == *responses && s.completed == *responses),
+            ("spawn", _) => (*responses, s.ran == *responses),
             _ => (0, s.ran == 0 && s.completed == 0),
         };
         println!(
@@ -748,4 +882,126 @@ fn rss(o: &Options) {
         med[0].0 / med[1].0,
         med[0].1 / med[1].1
     );
+}
+
+// ---------------------------------------------------------------- instructions mode
+
+/// Sends `total` requests over `concurrency` connections, then returns.
+fn fixed(client: &tokio::runtime::Runtime, addr: SocketAddr, concurrency: usize, total: u64) {
+    let per = total / concurrency as u64;
+    client.block_on(async {
+        let clients: Vec<_> = (0..concurrency)
+            .map(|_| {
+                tokio::spawn(async move {
+                    let mut stream = TcpStream::connect(addr).await.expect("connect");
+                    stream.set_nodelay(true).expect("nodelay");
+                    let mut buf = Vec::with_capacity(4096);
+                    for _ in 0..per {
+                        stream.write_all(REQUEST).await.expect("write a request");
+                        assert_eq!(read_response(&mut stream, &mut buf).await, 200);
+                    }
+                })
+            })
+            .collect();
+        for c in clients {
+            c.await.expect("a client");
+        }
+    });
+}
+
+/// Instructions executed by the server per request, counted by callgrind
+/// (`valgrind` must be installed): deterministic, so unlike req/s it does
+/// not move with the other load of a shared machine. The counters are
+/// zeroed after a warm-up and dumped after `--requests` requests and the
+/// wait for their tasks.
+fn instructions(o: &Options) {
+    let concurrency = o.concurrency.min(16);
+    let measured = o.requests / concurrency as u64 * concurrency as u64;
+    println!(
+        "server instructions per request under callgrind: {measured} requests over {concurrency} connections \
+         after {} warm-up requests",
+        measured / 10
+    );
+    let client = client_runtime(o);
+    let dir = std::env::temp_dir().join(format!("loadtest-callgrind-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a temporary directory");
+    let out = dir.join("callgrind.out.%p");
+    let out_arg = format!("--callgrind-out-file={}", out.display());
+    println!();
+    println!("| variant | instructions/request | over the first variant |");
+    println!("|---|---|---|");
+    let mut first = None;
+    for v in &o.variants {
+        let server = Server::start_under(v, &["valgrind", "-q", "--tool=callgrind", &out_arg]);
+        fixed(&client, server.addr, concurrency, measured / 10);
+        let _ = client.block_on(server.stats(0));
+        let control = |flag: &str| {
+            let ok = Command::new("callgrind_control")
+                .args([flag, &server.pid().to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .expect("callgrind_control (valgrind)")
+                .success();
+            assert!(ok, "callgrind_control {flag}");
+        };
+        control("-z");
+        fixed(&client, server.addr, concurrency, measured);
+        let responses = measured / 10 + measured;
+        let s = client.block_on(server.stats(if variant(v).0 == "hello" {
+            0
+        } else {
+            responses
+        }));
+        control("-d");
+        // The dump is `<out>.<n>`; its `totals:` line holds the count.
+        let prefix = format!("callgrind.out.{}.", server.pid());
+        let mut total = None;
+        for _ in 0..200 {
+            total = std::fs::read_dir(&dir)
+                .expect("the directory")
+                .flatten()
+                .find_map(|e| {
+                    let name = e.file_name().into_string().ok()?;
+                    if !name.starts_with(&prefix) {
+                        return None;
+                    }
+                    let text = std::fs::read_to_string(e.path()).ok()?;
+                    text.lines()
+                        .find_map(|l| {
+                            l.strip_prefix("totals:")
+                                .or_else(|| l.strip_prefix("summary:"))
+                        })?
+                        .trim()
+                        .parse::<u64>()
+                        .ok()
+                });
+            if total.is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let total = total.expect("a callgrind dump");
+        let per = total as f64 / measured as f64;
+        let base = *first.get_or_insert(per);
+        println!(
+            "| `{v}` | {per:.0} | {:+.0} ({:.3}x) |{}",
+            per - base,
+            per / base,
+            if variant(v).0 == "hello" || s.ran == responses {
+                ""
+            } else {
+                " task count MISMATCH"
+            }
+        );
+        drop(server);
+    }
+    if std::env::var_os("LOADTEST_KEEP_CALLGRIND").is_some() {
+        println!(
+            "\ncallgrind dumps kept in {} (callgrind_annotate FILE)",
+            dir.display()
+        );
+    } else {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
