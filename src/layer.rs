@@ -1,8 +1,9 @@
 //! [`BackgroundLayer`], its configuration, and [`Execution`].
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use tokio::runtime::Handle;
 use tokio::sync::Semaphore;
 use tower_layer::Layer;
 
@@ -59,6 +60,22 @@ impl Default for Config {
 pub(crate) struct Shared {
     pub(crate) config: Config,
     pub(crate) registry: Arc<Registry>,
+    /// The runtime that served the first request: where tasks that were
+    /// added and finished off any runtime run. Set once, so a request pays a
+    /// load, not a reference count, for it.
+    pub(crate) runtime: OnceLock<Handle>,
+}
+
+impl Shared {
+    /// Remembers the current runtime the first time a request arrives on one.
+    #[inline]
+    pub(crate) fn note_runtime(&self) {
+        if self.runtime.get().is_none() {
+            if let Ok(handle) = Handle::try_current() {
+                let _ = self.runtime.set(handle);
+            }
+        }
+    }
 }
 
 /// Layer that applies the [`BackgroundService`] middleware.
@@ -213,6 +230,7 @@ impl BackgroundLayer {
         Arc::new(Shared {
             config: self.config.clone(),
             registry: Arc::clone(&self.registry),
+            runtime: OnceLock::new(),
         })
     }
 }

@@ -63,9 +63,10 @@
 //! [`add_blocking`](BackgroundTasks::add_blocking) runs a synchronous closure
 //! on tokio's blocking pool.
 //!
-//! Tasks run on the tokio runtime that served the request (its handle is
-//! taken when the request arrives), even if they are added, or the body is
-//! dropped, on a thread outside any runtime.
+//! Tasks run on the tokio runtime that served the request, even if they
+//! are added, or the body is dropped, on a thread outside any runtime: the
+//! runtime of the handler that added them, else the one current when the
+//! body ends, else the one that served the layer's first request.
 //!
 //! # Ordering
 //!
@@ -125,9 +126,8 @@
 //!
 //! # Cost
 //!
-//! A request that adds no task costs one allocation (its queue), a handle
-//! on the runtime (a reference count) and one atomic operation when its body
-//! ends: no lock, no spawn. Each task costs
+//! A request that adds no task costs one allocation (its queue) and one
+//! atomic operation when its body ends: no lock, no spawn. Each task costs
 //! one allocation, and each request that has tasks one spawn (one per task
 //! with [`Execution::Concurrent`]). [`BackgroundBody`] adds no allocation per
 //! frame.

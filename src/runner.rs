@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
-use tokio::sync::futures::Notified;
+use tokio::time::{Instant, Sleep};
 
 use crate::handle::{Ended, Unstarted};
 use crate::job::{panic_message, Finish, Job, Start, TaskList};
@@ -36,12 +36,17 @@ pub(crate) struct Runner {
 }
 
 impl Runner {
-    /// A runner that drains the request's waiting list, in order.
-    pub(crate) fn sequence(queue: Arc<RequestQueue>, completion: Completion) -> Self {
+    /// A runner that runs `batch` (oldest first), then drains the request's
+    /// waiting list until it is empty.
+    pub(crate) fn sequence(
+        queue: Arc<RequestQueue>,
+        completion: Completion,
+        batch: TaskList,
+    ) -> Self {
         Self {
             queue,
             completion,
-            batch: TaskList::default(),
+            batch,
             draining: true,
             running: false,
         }
@@ -85,10 +90,14 @@ impl Runner {
     pub(crate) async fn run(mut self) {
         let shared = Arc::clone(&self.queue.shared);
         let registry = &shared.registry;
+        // Created before the first `start` (which checks the closed flag) and
+        // registered only when something has to wait: a close in between is
+        // still seen by its first poll, and a task that completes on its
+        // first poll costs no registration.
         let mut closed = pin!(registry.closed());
-        // Registered before the first `start`, which checks the flag: a
-        // shutdown either finds this runner waiting or is seen by `start`.
-        closed.as_mut().enable();
+        // Allocated only with a `task_timeout`, once per runner, and reset
+        // for each task.
+        let mut deadline: Option<Pin<Box<Sleep>>> = None;
 
         while let Some(job) = self.next() {
             let permit = match &shared.config.limit {
@@ -113,12 +122,44 @@ impl Runner {
                 return;
             }
             self.running = true;
-            let start = Start {
+            if let Some(timeout) = shared.config.timeout {
+                let at = Instant::now() + timeout;
+                match &mut deadline {
+                    Some(deadline) => deadline.as_mut().reset(at),
+                    None => deadline = Some(Box::pin(tokio::time::sleep_until(at))),
+                }
+            }
+            let mut job = Box::into_pin(job);
+            let mut start = Start {
                 completion: self.completion,
                 permit,
             };
-            let ended = run_job(job, start, shared.config.timeout, closed.as_mut()).await;
+            let fate = poll_fn(|cx| {
+                match catch_unwind(AssertUnwindSafe(|| job.as_mut().poll_run(cx, &mut start))) {
+                    Ok(Poll::Ready(finish)) => return Poll::Ready(Fate::Finished(finish)),
+                    Ok(Poll::Pending) => {}
+                    Err(payload) => {
+                        return Poll::Ready(Fate::Finished(Finish::Panicked(panic_message(
+                            &*payload,
+                        ))))
+                    }
+                }
+                if let Some(deadline) = &mut deadline {
+                    if deadline.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Fate::TimedOut);
+                    }
+                }
+                if closed.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Fate::Closed);
+                }
+                Poll::Pending
+            })
+            .await;
+            drop(start); // releases the permit
             self.running = false;
+            let ended = log(&*job, fate, shared.config.timeout);
+            // A destructor that panics must not take the rest of the sequence down.
+            let _ = catch_unwind(AssertUnwindSafe(move || drop(job)));
             match ended {
                 Some(ended) => {
                     registry.end(ended);
@@ -167,65 +208,40 @@ enum Fate {
     Closed,
 }
 
-/// Runs one task to its end, its deadline or the layer's close, and logs
-/// the outcome inside the task's span. `None` means the layer was closed:
-/// the task was already counted as cancelled.
-async fn run_job(
-    job: Box<dyn Job>,
-    mut start: Start,
-    timeout: Option<Duration>,
-    mut closed: Pin<&mut Notified<'_>>,
-) -> Option<Ended> {
-    let mut job = Box::into_pin(job);
-    let mut deadline = pin!(timeout.map(tokio::time::sleep));
-    let fate = poll_fn(|cx| {
-        match catch_unwind(AssertUnwindSafe(|| job.as_mut().poll_run(cx, &mut start))) {
-            Ok(Poll::Ready(finish)) => return Poll::Ready(Fate::Finished(finish)),
-            Ok(Poll::Pending) => {}
-            Err(payload) => {
-                return Poll::Ready(Fate::Finished(Finish::Panicked(panic_message(&*payload))))
-            }
-        }
-        if let Some(deadline) = deadline.as_mut().as_pin_mut() {
-            if deadline.poll(cx).is_ready() {
-                return Poll::Ready(Fate::TimedOut);
-            }
-        }
-        if closed.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(Fate::Closed);
-        }
-        Poll::Pending
-    })
-    .await;
-
-    let ended = job.span().in_scope(|| match fate {
-        Fate::Finished(Finish::Completed) => {
-            tracing::debug!("background task completed");
-            Some(Ended::Completed)
-        }
+/// Logs how a task ended, inside its span, and says in which bucket it
+/// ends. `None` means the layer was closed: the task was already counted as
+/// cancelled.
+fn log(job: &dyn Job, fate: Fate, timeout: Option<Duration>) -> Option<Ended> {
+    let ended = match &fate {
+        Fate::Finished(Finish::Completed) => Some(Ended::Completed),
+        Fate::Finished(Finish::Failed(_)) => Some(Ended::Failed),
+        Fate::Finished(Finish::Panicked(_)) => Some(Ended::Panicked),
+        Fate::Finished(Finish::Lost) => Some(Ended::Cancelled),
+        Fate::TimedOut => Some(Ended::TimedOut),
+        Fate::Closed => None,
+    };
+    // The common case logs at DEBUG: skip entering the span when that is off.
+    if matches!(fate, Fate::Finished(Finish::Completed) | Fate::Closed)
+        && !tracing::level_enabled!(tracing::Level::DEBUG)
+    {
+        return ended;
+    }
+    job.span().in_scope(|| match fate {
+        Fate::Finished(Finish::Completed) => tracing::debug!("background task completed"),
         Fate::Finished(Finish::Failed(error)) => {
-            tracing::error!(error = %error, "background task failed");
-            Some(Ended::Failed)
+            tracing::error!(error = %error, "background task failed")
         }
         Fate::Finished(Finish::Panicked(panic)) => {
-            tracing::error!(panic = %panic, "background task panicked");
-            Some(Ended::Panicked)
+            tracing::error!(panic = %panic, "background task panicked")
         }
         Fate::Finished(Finish::Lost) => {
-            tracing::warn!("background task lost: the runtime is shutting down");
-            Some(Ended::Cancelled)
+            tracing::warn!("background task lost: the runtime is shutting down")
         }
         Fate::TimedOut => {
             let timeout_ms = timeout.map_or(0, |t| t.as_millis() as u64);
-            tracing::warn!(timeout_ms, "background task timed out and was abandoned");
-            Some(Ended::TimedOut)
+            tracing::warn!(timeout_ms, "background task timed out and was abandoned")
         }
-        Fate::Closed => {
-            tracing::debug!("background task cancelled by shutdown");
-            None
-        }
+        Fate::Closed => tracing::debug!("background task cancelled by shutdown"),
     });
-    // A destructor that panics must not take the rest of the sequence down.
-    let _ = catch_unwind(AssertUnwindSafe(move || drop(job)));
     ended
 }

@@ -132,6 +132,7 @@ where
     }
 
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
+        self.shared.note_runtime();
         let queue = Arc::new(RequestQueue::new(Arc::clone(&self.shared), &req));
         req.extensions_mut()
             .insert(BackgroundTasks::new(Arc::clone(&queue)));

@@ -250,9 +250,6 @@ pub(crate) struct RequestQueue {
     pub(crate) shared: Arc<Shared>,
     /// `None` when INFO spans were disabled as the request arrived.
     request: Option<RequestInfo>,
-    /// The runtime that served the request: tasks run there, wherever
-    /// they are added or their body ends.
-    runtime: Option<Handle>,
     phase: AtomicU32,
     /// Added and not started: what [`BackgroundTasks::len`] reports.
     pub(crate) not_started: AtomicUsize,
@@ -266,13 +263,17 @@ pub(crate) struct QueueState {
     pub(crate) waiting: TaskList,
     /// A sequence runner is draining `waiting` (sequential execution only).
     pub(crate) draining: bool,
+    /// The runtime of the first task added from within one: the runtime
+    /// serving the request, where the handler runs.
+    runtime: Option<Handle>,
 }
 
 /// What to do once the request's lock is released.
 enum Dispatch {
     Nothing,
-    /// Spawn a runner that drains `waiting` in order.
-    Sequence,
+    /// Spawn a runner for these tasks (oldest first) that then drains
+    /// `waiting` in order.
+    Sequence(TaskList),
     /// Spawn one runner per task (oldest first).
     Each(TaskList),
 }
@@ -286,7 +287,6 @@ impl RequestQueue {
         Self {
             shared,
             request,
-            runtime: Handle::try_current().ok(),
             phase: AtomicU32::new(OPEN),
             not_started: AtomicUsize::new(0),
             state: Mutex::new(QueueState::default()),
@@ -326,6 +326,9 @@ impl RequestQueue {
     fn enqueue(self: &Arc<Self>, job: Box<dyn Job>) {
         let registry = &self.shared.registry;
         let mut state = self.lock();
+        if state.runtime.is_none() {
+            state.runtime = Handle::try_current().ok();
+        }
         // The linearization point against `finish`/`discard`: whoever comes
         // second sees the other's bit.
         let word = self.phase.fetch_or(HAS_TASKS, Ordering::AcqRel);
@@ -354,9 +357,10 @@ impl RequestQueue {
         };
         // A late add: the response already finished.
         let (dispatch, dropped) = self.dispatch(&mut state, completion);
+        let runtime = state.runtime.clone();
         drop(state);
         self.discard_plain(dropped);
-        self.spawn(dispatch, completion);
+        self.spawn(dispatch, runtime, completion);
     }
 
     /// The response body finished (or was dropped) like `completion` says.
@@ -370,9 +374,10 @@ impl RequestQueue {
         }
         let mut state = self.lock();
         let (dispatch, dropped) = self.dispatch(&mut state, completion);
+        let runtime = state.runtime.clone();
         drop(state);
         self.discard_plain(dropped);
-        self.spawn(dispatch, completion);
+        self.spawn(dispatch, runtime, completion);
     }
 
     /// There will be no response: discard every task.
@@ -413,7 +418,7 @@ impl RequestQueue {
                 Execution::Sequential if state.draining => Dispatch::Nothing,
                 Execution::Sequential => {
                     state.draining = true;
-                    Dispatch::Sequence
+                    Dispatch::Sequence(state.waiting.take().reversed())
                 }
                 Execution::Concurrent => Dispatch::Each(state.waiting.take().reversed()),
             }
@@ -435,11 +440,21 @@ impl RequestQueue {
         );
     }
 
-    fn spawn(self: &Arc<Self>, dispatch: Dispatch, completion: Completion) {
+    /// Spawns the runners on the runtime that served the request: the one
+    /// a task was added from, else the current one, else the one that served
+    /// the layer's first request (tasks added and finished off any runtime).
+    fn spawn(
+        self: &Arc<Self>,
+        dispatch: Dispatch,
+        runtime: Option<Handle>,
+        completion: Completion,
+    ) {
         if let Dispatch::Nothing = dispatch {
             return;
         }
-        let runtime = self.runtime.clone().or_else(|| Handle::try_current().ok());
+        let runtime = runtime
+            .or_else(|| Handle::try_current().ok())
+            .or_else(|| self.shared.runtime.get().cloned());
         if runtime.is_none() && cfg!(not(tower_background_loom)) {
             tracing::error!(
                 "no tokio runtime to run background tasks on: serve the request from \
@@ -461,7 +476,9 @@ impl RequestQueue {
         };
         match dispatch {
             Dispatch::Nothing => {}
-            Dispatch::Sequence => spawn(Runner::sequence(Arc::clone(self), completion)),
+            Dispatch::Sequence(batch) => {
+                spawn(Runner::sequence(Arc::clone(self), completion, batch))
+            }
             Dispatch::Each(mut list) => {
                 while let Some(job) = list.pop() {
                     spawn(Runner::single(Arc::clone(self), completion, job));
