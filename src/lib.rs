@@ -63,10 +63,10 @@
 //! [`add_blocking`](BackgroundTasks::add_blocking) runs a synchronous closure
 //! on tokio's blocking pool.
 //!
-//! Tasks run on the tokio runtime that served the request, even if they
-//! are added, or the body is dropped, on a thread outside any runtime: the
-//! runtime of the handler that added them, else the one current when the
-//! body ends, else the one that served the layer's first request.
+//! Tasks run on the tokio runtime that serves the request (the one current
+//! where its body ends, or where a late task is added), even if they are
+//! added, or the body is dropped, on a thread outside any runtime: then
+//! they run on the runtime that served the layer's first request.
 //!
 //! # Ordering
 //!

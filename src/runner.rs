@@ -69,26 +69,35 @@ impl Runner {
         }
     }
 
-    /// The next task to start, if any.
-    fn next(&mut self) -> Option<Box<dyn Job>> {
-        if self.batch.is_empty() && self.draining {
-            let mut state = self.queue.lock();
+    /// The next task to start, if any. An associated function over the
+    /// fields it needs, so that `run` can keep borrowing the queue's shared
+    /// state meanwhile.
+    fn next(
+        queue: &RequestQueue,
+        batch: &mut TaskList,
+        draining: &mut bool,
+    ) -> Option<Box<dyn Job>> {
+        if batch.is_empty() && *draining {
+            let mut state = queue.lock();
             let waiting = state.waiting.take();
             if waiting.is_empty() {
                 // Retire: a later add spawns a new runner.
                 state.draining = false;
-                self.draining = false;
+                *draining = false;
             }
             drop(state);
-            self.batch = waiting.reversed();
+            *batch = waiting.reversed();
         }
-        let job = self.batch.pop()?;
-        self.queue.not_started.fetch_sub(1, Ordering::AcqRel);
+        let job = batch.pop()?;
+        queue.not_started.fetch_sub(1, Ordering::AcqRel);
         Some(job)
     }
 
     pub(crate) async fn run(mut self) {
-        let shared = Arc::clone(&self.queue.shared);
+        // Borrowed, not cloned: the shared state is the same for every
+        // request of the service, and its reference count is a cache line
+        // every worker would write.
+        let shared = &*self.queue.shared;
         let registry = &shared.registry;
         // Created before the first `start` (which checks the closed flag) and
         // registered only when something has to wait: a close in between is
@@ -99,7 +108,7 @@ impl Runner {
         // for each task.
         let mut deadline: Option<Pin<Box<Sleep>>> = None;
 
-        while let Some(job) = self.next() {
+        while let Some(job) = Self::next(&self.queue, &mut self.batch, &mut self.draining) {
             let permit = match &shared.config.limit {
                 None => None,
                 Some(limit) => {
@@ -172,6 +181,9 @@ impl Runner {
 
 impl Drop for Runner {
     fn drop(&mut self) {
+        if self.batch.is_empty() && !self.draining && !self.running {
+            return; // done: the common case
+        }
         let batch = self.batch.take();
         let waiting = if self.draining {
             let mut state = self.queue.lock();

@@ -263,9 +263,6 @@ pub(crate) struct QueueState {
     pub(crate) waiting: TaskList,
     /// A sequence runner is draining `waiting` (sequential execution only).
     pub(crate) draining: bool,
-    /// The runtime of the first task added from within one: the runtime
-    /// serving the request, where the handler runs.
-    runtime: Option<Handle>,
 }
 
 /// What to do once the request's lock is released.
@@ -326,9 +323,6 @@ impl RequestQueue {
     fn enqueue(self: &Arc<Self>, job: Box<dyn Job>) {
         let registry = &self.shared.registry;
         let mut state = self.lock();
-        if state.runtime.is_none() {
-            state.runtime = Handle::try_current().ok();
-        }
         // The linearization point against `finish`/`discard`: whoever comes
         // second sees the other's bit.
         let word = self.phase.fetch_or(HAS_TASKS, Ordering::AcqRel);
@@ -357,10 +351,9 @@ impl RequestQueue {
         };
         // A late add: the response already finished.
         let (dispatch, dropped) = self.dispatch(&mut state, completion);
-        let runtime = state.runtime.clone();
         drop(state);
         self.discard_plain(dropped);
-        self.spawn(dispatch, runtime, completion);
+        self.spawn(dispatch, completion);
     }
 
     /// The response body finished (or was dropped) like `completion` says.
@@ -374,10 +367,9 @@ impl RequestQueue {
         }
         let mut state = self.lock();
         let (dispatch, dropped) = self.dispatch(&mut state, completion);
-        let runtime = state.runtime.clone();
         drop(state);
         self.discard_plain(dropped);
-        self.spawn(dispatch, runtime, completion);
+        self.spawn(dispatch, completion);
     }
 
     /// There will be no response: discard every task.
@@ -440,22 +432,24 @@ impl RequestQueue {
         );
     }
 
-    /// Spawns the runners on the runtime that served the request: the one
-    /// a task was added from, else the current one, else the one that served
-    /// the layer's first request (tasks added and finished off any runtime).
-    fn spawn(
-        self: &Arc<Self>,
-        dispatch: Dispatch,
-        runtime: Option<Handle>,
-        completion: Completion,
-    ) {
+    /// Spawns the runners on the current runtime: the one serving the
+    /// request, where its body ends and its handler adds tasks. Off any
+    /// runtime, on the runtime that served the layer's first request.
+    fn spawn(self: &Arc<Self>, dispatch: Dispatch, completion: Completion) {
         if let Dispatch::Nothing = dispatch {
             return;
         }
-        let runtime = runtime
-            .or_else(|| Handle::try_current().ok())
-            .or_else(|| self.shared.runtime.get().cloned());
-        if runtime.is_none() && cfg!(not(tower_background_loom)) {
+        // Inside a tokio task the runtime context is current: `tokio::spawn`
+        // uses it without touching the runtime handle's shared count.
+        let in_task = tokio::task::try_id().is_some();
+        let fallback = if in_task {
+            None
+        } else {
+            Handle::try_current()
+                .ok()
+                .or_else(|| self.shared.runtime.get().cloned())
+        };
+        if !in_task && fallback.is_none() && cfg!(not(tower_background_loom)) {
             tracing::error!(
                 "no tokio runtime to run background tasks on: serve the request from \
                  within a tokio runtime; cancelling them"
@@ -468,7 +462,8 @@ impl RequestQueue {
                 loom::future::block_on(runner.run())
             }));
             #[cfg(not(tower_background_loom))]
-            match &runtime {
+            match &fallback {
+                _ if in_task => drop(tokio::spawn(runner.run())),
                 Some(runtime) => drop(runtime.spawn(runner.run())),
                 // Dropping a runner counts its tasks as cancelled.
                 None => drop(runner),
