@@ -6,7 +6,7 @@
 //! server's graceful shutdown followed by `BackgroundHandle::shutdown` while
 //! a response is still streaming. Each test says which tasks must have run.
 
-mod harness;
+mod support;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -25,7 +25,7 @@ use tower::{service_fn, Layer, ServiceBuilder};
 use tower_background::{BackgroundLayer, BackgroundTasks, Completion, Outcome};
 use tower_http::catch_panic::CatchPanicLayer;
 
-use harness::{chunk, within, ChannelBody, FrameSender, Log, Server};
+use support::{data, within, ChannelBody, FrameSender, Log, Server};
 
 // ------------------------------------------------------------ raw client
 
@@ -99,7 +99,7 @@ async fn feed_until_done(
     done: &mut mpsc::UnboundedReceiver<Completion>,
 ) -> Completion {
     for _ in 0..1000 {
-        let _ = frames.send(chunk("more data nobody reads\n"));
+        let _ = frames.send(data("more data nobody reads\n"));
         if let Ok(Some(c)) = tokio::time::timeout(Duration::from_millis(10), done.recv()).await {
             return c;
         }
@@ -182,7 +182,7 @@ async fn disconnect_mid_stream_without_run_on_abort_runs_only_add_with() {
     let (frames, body) = ChannelBody::new();
     body_tx.send(body).unwrap();
     let mut client = send_get(server.addr, "/").await;
-    frames.send(chunk("first chunk")).unwrap();
+    frames.send(data("first chunk")).unwrap();
     read_until(&mut client, "first chunk").await;
     drop(client);
     let completion = within("the completion", feed_until_done(&frames, &mut done)).await;
@@ -209,7 +209,7 @@ async fn disconnect_mid_stream_runs_every_task() {
     let (frames, body) = ChannelBody::new();
     body_tx.send(body).unwrap();
     let mut client = send_get(server.addr, "/").await;
-    frames.send(chunk("first chunk")).unwrap();
+    frames.send(data("first chunk")).unwrap();
     read_until(&mut client, "first chunk").await;
     drop(client);
     let completion = within("the completion", feed_until_done(&frames, &mut done)).await;
@@ -232,11 +232,11 @@ async fn disconnect_after_the_last_byte_runs_every_task() {
     let (frames, body) = ChannelBody::new();
     body_tx.send(body).unwrap();
     let mut client = send_get(server.addr, "/").await;
-    frames.send(chunk("one ")).unwrap();
+    frames.send(data("one ")).unwrap();
     read_until(&mut client, "one ").await;
     assert!(log.get().is_empty(), "no task before the end of the body");
     assert_eq!(handle.stats().pending, 3);
-    frames.send(chunk("two")).unwrap();
+    frames.send(data("two")).unwrap();
     drop(frames); // end of the body
     let response = read_until(&mut client, "0\r\n\r\n").await;
     assert!(response.contains("two"));
@@ -512,7 +512,7 @@ async fn graceful_server_shutdown_then_background_shutdown_while_streaming() {
     read_to_end(send_get(server.addr, "/forever").await).await;
     within("the forever task", forever_started.notified()).await;
     let mut streaming = send_get(server.addr, "/stream").await;
-    frames.send(chunk("first chunk")).unwrap();
+    frames.send(data("first chunk")).unwrap();
     read_until(&mut streaming, "first chunk").await;
     let late = within("the streaming handler", late_rx).await.unwrap();
     let stats = handle.stats();
@@ -543,7 +543,7 @@ async fn graceful_server_shutdown_then_background_shutdown_while_streaming() {
 
     // After the close: a late add and the end of the streaming body.
     late.add(log.task("late add after close"));
-    frames.send(chunk("last chunk")).unwrap();
+    frames.send(data("last chunk")).unwrap();
     drop(frames);
     let rest = read_to_end(streaming).await;
     assert!(rest.contains("last chunk"));
@@ -592,7 +592,7 @@ async fn http2_stream_reset_mid_stream_runs_the_tasks() {
     let res = within("the response headers", sender.send_request(request()))
         .await
         .unwrap();
-    frames.send(chunk("first chunk")).unwrap();
+    frames.send(data("first chunk")).unwrap();
     let mut res_body = res.into_body();
     let first = within(
         "the first chunk",
@@ -611,7 +611,7 @@ async fn http2_stream_reset_mid_stream_runs_the_tasks() {
     // The connection is still usable.
     let (frames, body) = ChannelBody::new();
     body_tx.send(body).unwrap();
-    frames.send(chunk("whole")).unwrap();
+    frames.send(data("whole")).unwrap();
     drop(frames);
     let res = within("the second response", sender.send_request(request()))
         .await

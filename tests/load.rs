@@ -4,7 +4,7 @@
 //! runs exactly once, in its request's order, and the counts add up.
 //! `examples/soak.rs` is the large version (not run in CI).
 
-mod harness;
+mod support;
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -19,7 +19,7 @@ use hyper_util::rt::TokioExecutor;
 use tower::{service_fn, Layer};
 use tower_background::{BackgroundLayer, BackgroundTasks};
 
-use harness::{within, Server};
+use support::{within, Server};
 
 const REQUESTS: usize = 2_000;
 const CONCURRENCY: usize = 32;

@@ -4,7 +4,7 @@
 //! tasks that add tasks to their own request, `shutdown` called twice and
 //! concurrently, and `wait_idle` while requests keep arriving.
 
-mod harness;
+mod support;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,7 +17,7 @@ use tokio::sync::{oneshot, Notify};
 use tower::{service_fn, Layer, ServiceExt};
 use tower_background::{BackgroundLayer, BackgroundTasks, Execution};
 
-use harness::{chunk, within, ChannelBody, Log, Res};
+use support::{data, within, ChannelBody, Log, Res};
 
 #[test]
 #[should_panic(expected = "BackgroundLayer::max_concurrent_tasks")]
@@ -233,7 +233,7 @@ async fn shutdown_twice_and_concurrently_gives_consistent_reports() {
     }));
     let res_b = svc.oneshot(Request::new(())).await.unwrap();
     let mut body_b = res_b.into_body();
-    tx.send(chunk("partial")).unwrap();
+    tx.send(data("partial")).unwrap();
     body_b.frame().await.unwrap().unwrap();
     assert_eq!(handle.stats().pending, 4);
     assert_eq!(handle.stats().running, 1);
@@ -530,7 +530,7 @@ async fn shutdown_grace_waits_for_a_body_that_finishes_during_it() {
     }));
     let res = svc.oneshot(Request::new(())).await.unwrap();
     let mut body = res.into_body();
-    tx.send(chunk("first")).unwrap();
+    tx.send(data("first")).unwrap();
     body.frame().await.unwrap().unwrap();
     let shutdown = tokio::spawn(handle.shutdown(Duration::from_secs(10)));
     tokio::task::yield_now().await;

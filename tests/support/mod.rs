@@ -1,10 +1,11 @@
-//! Helpers shared by the core test files: a body the test drives frame by
-//! frame, a one-shot call through the layer, an event log and a tracing
-//! capture.
+//! Helpers shared by the test files: bounded waits, a body the test drives
+//! frame by frame, a one-shot call through the layer, an ordered event log
+//! and a loopback hyper server with graceful shutdown.
 #![allow(dead_code, unreachable_pub)]
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -13,7 +14,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::{Body, Frame};
-use tokio::sync::mpsc;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 use tower::{service_fn, Layer, ServiceExt};
 use tower_background::{BackgroundBody, BackgroundLayer, BackgroundTasks};
 
@@ -33,7 +41,8 @@ pub struct ChannelBody {
     rx: mpsc::UnboundedReceiver<Result<Frame<Bytes>, std::io::Error>>,
 }
 
-pub type FrameSender = mpsc::UnboundedSender<Result<Frame<Bytes>, std::io::Error>>;
+pub type FrameResult = Result<Frame<Bytes>, std::io::Error>;
+pub type FrameSender = mpsc::UnboundedSender<FrameResult>;
 
 impl ChannelBody {
     pub fn new() -> (FrameSender, Self) {
@@ -95,9 +104,14 @@ impl Log {
         self.0.lock().unwrap().clone()
     }
 
+    pub fn len(&self) -> usize {
+        self.0.lock().unwrap().len()
+    }
+
     /// A task that records `event` when it runs.
-    pub fn task(&self, event: &'static str) -> impl Future<Output = ()> + Send + 'static {
+    pub fn task(&self, event: impl Into<String>) -> impl Future<Output = ()> + Send + 'static {
         let log = self.clone();
+        let event = event.into();
         async move { log.push(event) }
     }
 }
@@ -107,3 +121,67 @@ impl Log {
 pub async fn settle() {
     tokio::time::sleep(Duration::from_secs(3600)).await;
 }
+
+/// A hyper server (HTTP/1 and HTTP/2, auto-detected) on 127.0.0.1:0 serving
+/// a tower service, with graceful shutdown.
+pub struct Server {
+    pub addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Server {
+    pub async fn start<S, B>(svc: S) -> Server
+    where
+        S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, mut stopped) = watch::channel(false);
+        let task = tokio::spawn(async move {
+            let graceful = GracefulShutdown::new();
+            let builder = auto::Builder::new(TokioExecutor::new());
+            loop {
+                tokio::select! {
+                    conn = listener.accept() => {
+                        let Ok((stream, _)) = conn else { continue };
+                        let conn = builder
+                            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc.clone()))
+                            .into_owned();
+                        let conn = graceful.watch(conn);
+                        tokio::spawn(async move {
+                            let _ = conn.await;
+                        });
+                    }
+                    _ = stopped.changed() => break,
+                }
+            }
+            drop(listener);
+            graceful.shutdown().await;
+        });
+        Server { addr, stop, task }
+    }
+
+    /// Stops accepting, lets the connections finish their responses, and
+    /// returns once they have all closed (hyper-util's graceful shutdown).
+    pub async fn graceful_shutdown(self) {
+        let _ = self.stop.send(true);
+        within("the server's graceful shutdown", self.task)
+            .await
+            .unwrap();
+    }
+
+    /// Starts the graceful shutdown without waiting for it.
+    pub fn begin_shutdown(self) -> JoinHandle<()> {
+        let _ = self.stop.send(true);
+        self.task
+    }
+}
+
+/// A handler result type for `service_fn`.
+pub type Res<B> = Result<Response<B>, Infallible>;
