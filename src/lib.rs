@@ -53,10 +53,12 @@
 //! # When tasks run
 //!
 //! Tasks queued during a request start when its response body reaches its
-//! end of stream: `poll_frame` returns `None`, or the body reports
+//! end of stream: `poll_frame` returns `None` or a trailers frame (always
+//! the last), or the body reports
 //! [`is_end_stream`](http_body::Body::is_end_stream) after a frame (servers
-//! stop polling a finished body). Never before: a streaming body's tasks
-//! wait for its last chunk. A body dropped without ever being polled (HEAD
+//! stop polling a finished body), or the server drops the body once it has
+//! yielded exactly its `Content-Length`. Never before: a streaming body's
+//! tasks wait for its last chunk. A body dropped without ever being polled (HEAD
 //! requests, 204 and 304 responses) counts as finished, with
 //! [`Outcome::NoBody`]. Tasks run on spawned tokio tasks, so they never
 //! delay the response, nor the next request on a keep-alive connection;
