@@ -142,8 +142,10 @@ async fn send_notification_appends_to_the_log_from_a_blocking_task() {
             .await;
         assert_eq!(status, StatusCode::OK, "{body}");
         assert_eq!(body["message"], "Notification sent in the background");
+        // Tasks of different requests are independent: wait for this one's
+        // before the next request, so that the log's order is defined.
+        app.idle().await;
     }
-    app.idle().await;
     assert_eq!(
         app.read_data(app.config.notification_log()),
         "notification sent to ada@example.com\nnotification sent to grace@example.com\n"
@@ -418,6 +420,9 @@ async fn items_records_analytics_after_the_response() {
     let (status, item) = app.get("/items/42?user_id=7").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(item, json!({ "id": 42, "name": "item 42" }));
+    // Tasks of different requests are independent: wait before the next
+    // request so that the log's order is defined.
+    app.idle().await;
     let (status, _) = app.get("/items/43").await;
     assert_eq!(status, StatusCode::OK);
     app.idle().await;
