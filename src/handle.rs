@@ -376,6 +376,11 @@ impl BackgroundHandle {
     ///
     /// A zero `grace` cancels at once without waiting (and needs no timer).
     ///
+    /// Cancel safety: dropping the future before it completes (for example
+    /// in a `select!` with a second Ctrl-C) leaves the layer open and its
+    /// tasks running; nothing is cancelled until a `shutdown` call reaches
+    /// the end of its grace period.
+    ///
     /// # Panics
     ///
     /// Like [`tokio::time::timeout`], with a non-zero `grace` it panics if the
