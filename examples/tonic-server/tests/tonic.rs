@@ -4,12 +4,8 @@
 //! and its `grpc-status` trailer arrive, and only then do its tasks run. A
 //! handler that answers with an error `Status` (an HTTP 200 response whose
 //! status travels in the headers) still runs its tasks; graceful shutdown
-//! drains them. The service is hand-written (`examples/tonic_server/greeter.rs`),
-//! so no `protoc` is needed.
-
-#[path = "../examples/tonic_server/greeter.rs"]
-#[allow(dead_code)]
-mod greeter;
+//! drains them. The service is hand-written (`src/greeter.rs`), so no `protoc`
+//! is needed.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -28,7 +24,7 @@ use tonic::{Code, Request, Response, Status};
 use tower::util::MapResponseLayer;
 use tower_background::{BackgroundHandle, BackgroundLayer, BackgroundTasks, Completion, Outcome};
 
-use greeter::{Greeter, GreeterClient, GreeterServer, HelloReply, HelloRequest};
+use tonic_server::greeter::{Greeter, GreeterClient, GreeterServer, HelloReply, HelloRequest};
 
 /// The failure guard around every wait.
 const LIMIT: Duration = Duration::from_secs(10);

@@ -10,7 +10,7 @@
 //! ```
 //!
 //! written by hand so that building needs no `protoc`. Shared by
-//! `examples/tonic_server/main.rs` and `tests/tonic.rs`.
+//! `src/main.rs` and the tests.
 
 use std::convert::Infallible;
 use std::future::Future;
