@@ -1,11 +1,11 @@
 //! End-to-end loopback benchmark of `BackgroundLayer` against bare axum and
-//! hand-written `tokio::spawn` (issue 5). Not a test: a harness that prints
+//! hand-written `tokio::spawn`. Not a test: a harness that prints
 //! tables for docs/PERFORMANCE.md.
 //!
 //! ```text
-//! cargo run --release --example loadtest                 # throughput, latency, CPU, start delay
-//! cargo run --release --example loadtest -- rss          # peak RSS with tasks that sleep 100 ms
-//! cargo run --release --example loadtest -- --concurrency 64 --rounds 6 --secs 3 --warmup 1
+//! cargo run --release -p perf --example loadtest                 # throughput, latency, CPU, start delay
+//! cargo run --release -p perf --example loadtest -- rss          # peak RSS with tasks that sleep 100 ms
+//! cargo run --release -p perf --example loadtest -- --concurrency 64 --rounds 6 --secs 3 --warmup 1
 //! ```
 //!
 //! Every server variant runs in its own child process (`loadtest serve

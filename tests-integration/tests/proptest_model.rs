@@ -4,7 +4,7 @@
 //! `shutdown` at a random point) are driven through `tower::ServiceExt::oneshot`
 //! with a body the test polls frame by frame; the observed fate and order of
 //! every task and the final `Stats` are compared with a small reference model
-//! of the core semantics (issue 3, points 1-12).
+//! of the core semantics (the README's semantics table, rows 1-12).
 //!
 //! Each case runs on its own runtime (current-thread, or multi-thread with two
 //! workers), with real time; late adds and the body's drop may happen on a
@@ -123,7 +123,7 @@ struct Scenario {
     /// A multi-thread runtime (two workers) instead of a current-thread one.
     multi_thread: bool,
     /// Late adds and the drop of the body happen on a thread outside the
-    /// runtime (issue 3, point 9).
+    /// runtime (semantics row 9).
     off_runtime: bool,
 }
 
@@ -1022,7 +1022,7 @@ fn model_body_error_without_run_on_abort() {
     fixed(s);
 }
 
-/// Regression (issue 3, point 9): no task added by the handler; a late add
+/// Regression (semantics row 9): no task added by the handler; a late add
 /// and the drop of the body happen outside the runtime. The tasks must run
 /// on the runtime that served the request.
 #[test]

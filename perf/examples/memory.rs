@@ -1,10 +1,10 @@
-//! Memory per waiting task (issue 5): with `max_concurrent_tasks(1)` and a
+//! Memory per waiting task: with `max_concurrent_tasks(1)` and a
 //! first task that blocks, queue 100,000 small tasks and report how much
 //! memory each waiting task costs, and what is left once they have run.
 //!
 //! ```text
-//! cargo run --release --example memory               # all cases, 100,000 tasks
-//! cargo run --release --example memory -- 1000000    # another count
+//! cargo run --release -p perf --example memory               # all cases, 100,000 tasks
+//! cargo run --release -p perf --example memory -- 1000000    # another count
 //! ```
 //!
 //! Each case runs in a fresh child process of this binary (so that one case's

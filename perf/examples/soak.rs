@@ -9,9 +9,9 @@
 //! through `/proc/self/clear_refs`). Loopback only, bounded in time.
 //!
 //! ```text
-//! cargo run --release --example soak                       # 200000 requests, C = 256, K = 3
-//! cargo run --release --example soak -- --requests 50000 --concurrency 64 --tasks 5
-//! cargo run --release --example soak -- --rounds 5   # five background runs
+//! cargo run --release -p perf --example soak                       # 200000 requests, C = 256, K = 3
+//! cargo run --release -p perf --example soak -- --requests 50000 --concurrency 64 --tasks 5
+//! cargo run --release -p perf --example soak -- --rounds 5   # five background runs
 //! ```
 //!
 //! Exits with status 1 if any run lost or duplicated a task, or if the

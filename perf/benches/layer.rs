@@ -1,4 +1,4 @@
-//! Micro-benchmarks of `BackgroundLayer` (issue 5), each measured in the same
+//! Micro-benchmarks of `BackgroundLayer`, each measured in the same
 //! run as its baseline: the bare service, and the same service calling
 //! `tokio::spawn` by hand.
 //!
@@ -8,7 +8,7 @@
 //! `BackgroundHandle::wait_idle` for the layer, through the `JoinHandle`s for
 //! `tokio::spawn`, so both sides do the same work.
 //!
-//! Run with `cargo bench --bench layer` (about one minute); see
+//! Run with `cargo bench -p perf --bench layer` (about one minute); see
 //! docs/PERFORMANCE.md for the figures.
 
 use std::convert::Infallible;
