@@ -1,41 +1,17 @@
-//! FastAPI's "Background Tasks" guide, every case as a route of one axum app.
+//! FastAPI's "Background Tasks" guide as one axum app.
 //!
-//! Each handler answers at once and queues its side effect on the request's
+//! `POST /send-notification/{email}` is the guide's own app, route, body and
+//! log file: `tutorial002` (the "Dependency Injection" section, the default)
+//! or `tutorial001` (the "Using `BackgroundTasks`" section), chosen with
+//! [`Tutorial`]. The other routes carry the cases the guide describes in
+//! prose (emails, a cache, reports, analytics, a database session), each
+//! answering at once and queueing its side effect on the request's
 //! [`BackgroundTasks`]; the effect runs after the response body has been
-//! sent. `tests/fastapi_guide.rs` calls every route over HTTP and checks its
-//! side effect after `handle.wait_idle()`.
+//! sent. Errors are FastAPI's: `{"detail": ...}` bodies, 404, 405, and 422 for
+//! a request that fails validation.
 //!
-//! Run it (a server: stop it with Ctrl-C, which drains the background tasks):
-//!
-//! ```text
-//! cargo run --example fastapi_guide --features axum
-//! curl -X POST 'http://127.0.0.1:3000/send-notification?email=ada@example.com'
-//! curl -X POST 'http://127.0.0.1:3000/send-notification?email=ada@example.com&q=rust'
-//! curl -X POST http://127.0.0.1:3000/register -H 'content-type: application/json' \
-//!      -d '{"email":"ada@example.com","name":"Ada"}'
-//! curl -X POST http://127.0.0.1:3000/users -H 'content-type: application/json' \
-//!      -d '{"username":"ada","email":"ada@example.com","password":"correct horse"}'
-//! curl -X POST http://127.0.0.1:3000/posts -H 'content-type: application/json' \
-//!      -d '{"id":1,"title":"Hello","body":"First post"}'
-//! curl http://127.0.0.1:3000/posts/1
-//! curl -X POST http://127.0.0.1:3000/reports -H 'content-type: application/json' \
-//!      -d '{"name":"q3","rows":[{"label":"north","value":12.5}]}'
-//! curl 'http://127.0.0.1:3000/items/42?user_id=7'
-//! curl -X POST http://127.0.0.1:3000/process
-//! curl -X POST http://127.0.0.1:3000/parallel
-//! curl -X POST http://127.0.0.1:3000/posts/1/stats
-//! curl http://127.0.0.1:3000/posts/1/stats
-//! ```
-//!
-//! Environment:
-//!
-//! | variable | default | what |
-//! |---|---|---|
-//! | `PORT` | `3000` | the port on 127.0.0.1 |
-//! | `MAIL_URL` | a mail sink the example starts on 127.0.0.1 | where welcome emails are POSTed as JSON |
-//! | `REDIS_URL` | unset: an in-process cache (moka) | the Redis server for `POST /posts` |
-//! | `DATA_DIR` | a temporary directory | logs, reports and the SQLite database |
-//! | `DATABASE_PATH` | `DATA_DIR/guide.db` | the SQLite database file |
+//! `src/main.rs` serves it; `tests/` call every route over HTTP and check
+//! its side effect after `handle.wait_idle()`.
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -43,13 +19,15 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{FromRequestParts, Path as UrlPath, Query, State};
+use axum::extract::path::ErrorKind;
+use axum::extract::rejection::{JsonRejection, PathRejection};
+use axum::extract::{FromRequest, FromRequestParts, Query, RawPathParams, Request, State};
 use axum::http::request::Parts;
 use axum::http::{StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
@@ -65,6 +43,45 @@ pub const CACHE_TTL: Duration = Duration::from_secs(3600);
 /// The two sleeps of `POST /parallel`, run concurrently inside one task.
 pub const PARALLEL_SLEEP: Duration = Duration::from_millis(300);
 
+/// Which of the guide's two apps `POST /send-notification/{email}` is: both
+/// use that route and the file `log.txt`, with different bodies and lines.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Tutorial {
+    /// "Using `BackgroundTasks`" (`tutorial001.py`): a `def` task rewrites
+    /// `log.txt` with `notification for {email}: some notification`; the
+    /// answer is `{"message": "Notification sent in the background"}`.
+    One,
+    /// "Dependency Injection" (`tutorial002.py`): the dependency `get_query`
+    /// appends `found query: {q}\n` when `q` is not empty, then the handler
+    /// appends `message to {email}\n`; the answer is `{"message": "Message sent"}`.
+    #[default]
+    Two,
+}
+
+impl std::str::FromStr for Tutorial {
+    type Err = String;
+
+    /// `001`, `1` or `tutorial001`; `002`, `2` or `tutorial002`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().trim_start_matches("tutorial").trim_start_matches('0') {
+            "1" => Ok(Tutorial::One),
+            "2" => Ok(Tutorial::Two),
+            _ => Err(format!(
+                "unknown tutorial {s:?}: use 001 (Using BackgroundTasks) or 002 (Dependency Injection)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Tutorial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Tutorial::One => "tutorial001 (Using BackgroundTasks)",
+            Tutorial::Two => "tutorial002 (Dependency Injection)",
+        })
+    }
+}
+
 /// Where the app keeps its side effects and whom it talks to.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -76,10 +93,13 @@ pub struct Config {
     pub redis_url: Option<String>,
     /// The SQLite database file (created if missing).
     pub database_path: PathBuf,
+    /// The guide's app behind `POST /send-notification/{email}`.
+    pub tutorial: Tutorial,
 }
 
 impl Config {
-    /// Everything under `data_dir`, the in-process cache, mail to `mail_url`.
+    /// Everything under `data_dir`, the in-process cache, mail to `mail_url`,
+    /// [`Tutorial::Two`].
     pub fn new(data_dir: impl Into<PathBuf>, mail_url: impl Into<String>) -> Self {
         let data_dir = data_dir.into();
         Self {
@@ -87,11 +107,16 @@ impl Config {
             data_dir,
             mail_url: mail_url.into(),
             redis_url: None,
+            tutorial: Tutorial::default(),
         }
     }
 
-    /// [`Config::new`], then `REDIS_URL` and `DATABASE_PATH` from the environment.
-    pub fn from_env(data_dir: impl Into<PathBuf>, mail_url: impl Into<String>) -> Self {
+    /// [`Config::new`], then `REDIS_URL`, `DATABASE_PATH` and `TUTORIAL` from
+    /// the environment.
+    pub fn from_env(
+        data_dir: impl Into<PathBuf>,
+        mail_url: impl Into<String>,
+    ) -> Result<Self, BoxError> {
         let mut config = Self::new(data_dir, mail_url);
         config.redis_url = std::env::var("REDIS_URL")
             .ok()
@@ -99,12 +124,15 @@ impl Config {
         if let Some(path) = std::env::var_os("DATABASE_PATH") {
             config.database_path = path.into();
         }
-        config
+        if let Ok(tutorial) = std::env::var("TUTORIAL") {
+            config.tutorial = tutorial.parse()?;
+        }
+        Ok(config)
     }
 
-    /// `POST /send-notification` appends here.
-    pub fn notification_log(&self) -> PathBuf {
-        self.data_dir.join("notifications.log")
+    /// The guide's `log.txt`, written by `POST /send-notification/{email}`.
+    pub fn guide_log(&self) -> PathBuf {
+        self.data_dir.join("log.txt")
     }
 
     /// `POST /reports` writes `NAME.csv` here.
@@ -172,6 +200,10 @@ pub async fn app(config: Config) -> Result<(Router, BackgroundHandle), BoxError>
     .execute(&db)
     .await?;
 
+    let send_notification = match config.tutorial {
+        Tutorial::One => post(send_notification_001),
+        Tutorial::Two => post(send_notification_002),
+    };
     let state = AppState {
         config: Arc::new(config),
         http: reqwest::Client::new(),
@@ -182,7 +214,7 @@ pub async fn app(config: Config) -> Result<(Router, BackgroundHandle), BoxError>
     let layer = BackgroundLayer::new().task_timeout(Duration::from_secs(30));
     let handle = layer.handle();
     let router = Router::new()
-        .route("/send-notification", post(send_notification))
+        .route("/send-notification/{email}", send_notification)
         .route("/register", post(register))
         .route("/users", post(create_user))
         .route("/posts", post(create_post))
@@ -192,101 +224,241 @@ pub async fn app(config: Config) -> Result<(Router, BackgroundHandle), BoxError>
         .route("/process", post(process))
         .route("/parallel", post(parallel))
         .route("/posts/{id}/stats", post(count_view).get(post_stats))
+        // FastAPI's answers where no route or no method matches (axum keeps
+        // its `Allow` header on the 405).
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "Not Found") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed")
+        })
         .with_state(state)
         .layer(layer);
     Ok((router, handle))
 }
 
-/// An error answer: `{"detail": "..."}`, like FastAPI's.
+// ---------------------------------------------------------------------------
+// FastAPI's error bodies
+// ---------------------------------------------------------------------------
+
+/// An error answer, shaped like FastAPI's: `{"detail": "Not Found"}` for an
+/// `HTTPException`, and for a request that fails validation `422` with
+/// `{"detail": [{"type": ..., "loc": [...], "msg": ...}]}`, one entry per
+/// problem, `loc` naming where it is (`["path", "email"]`, `["body",
+/// "password"]`). The messages are axum's and serde's, not pydantic's.
 #[derive(Debug)]
-pub struct ApiError(StatusCode, String);
+pub struct ApiError {
+    status: StatusCode,
+    detail: Value,
+}
 
 impl ApiError {
-    fn unprocessable(detail: impl Into<String>) -> Self {
-        Self(StatusCode::UNPROCESSABLE_ENTITY, detail.into())
+    /// `{"detail": message}` with `status` (FastAPI's `HTTPException`).
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            detail: Value::String(message.into()),
+        }
+    }
+
+    /// A validation error: 422 with one entry in `detail`.
+    pub fn validation(loc: &[&str], kind: &str, msg: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            detail: json!([{ "type": kind, "loc": loc, "msg": msg.into() }]),
+        }
     }
 
     fn internal(err: impl std::fmt::Display) -> Self {
         tracing::error!(%err, "request failed");
-        Self(StatusCode::INTERNAL_SERVER_ERROR, err.to_string())
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, err.to_string())
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(json!({ "detail": self.1 }))).into_response()
+        (self.status, Json(json!({ "detail": self.detail }))).into_response()
+    }
+}
+
+impl ApiError {
+    /// A path parameter that does not parse is FastAPI's 422, not axum's
+    /// 400. `keys` are the route's parameter names, in order, for the errors
+    /// that give only an index (a single `Path<u64>` gives neither).
+    fn from_path_rejection(rejection: PathRejection, keys: &[String]) -> Self {
+        let msg = rejection.body_text();
+        let PathRejection::FailedToDeserializePathParams(failed) = &rejection else {
+            return Self::internal(msg);
+        };
+        let (key, kind) = match failed.kind() {
+            ErrorKind::ParseErrorAtKey { key, .. } | ErrorKind::DeserializeError { key, .. } => {
+                (Some(key.as_str()), "parsing")
+            }
+            ErrorKind::InvalidUtf8InPathParam { key } => (Some(key.as_str()), "utf8"),
+            ErrorKind::ParseErrorAtIndex { index, .. } => {
+                (keys.get(*index).map(String::as_str), "parsing")
+            }
+            ErrorKind::ParseError { .. } if keys.len() == 1 => (Some(keys[0].as_str()), "parsing"),
+            _ => (None, "parsing"),
+        };
+        match key {
+            Some(key) => Self::validation(&["path", key], kind, msg),
+            None => Self::validation(&["path"], kind, msg),
+        }
     }
 }
 
 /// FastAPI answers 422 to any body it cannot read; so do we (axum's `Json`
 /// alone answers 400 to bad JSON and 415 to a missing content type).
-fn read_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
-    body.map(|Json(value)| value).map_err(|rejection| {
-        ApiError::unprocessable(format!("invalid body: {}", rejection.body_text()))
-    })
-}
-
-// ---------------------------------------------------------------------------
-// Guide: "Using BackgroundTasks" (a synchronous task) and "Dependency
-// Injection" (an extractor that queues a task of its own)
-// ---------------------------------------------------------------------------
-
-#[derive(Debug, Deserialize)]
-struct NotificationQuery {
-    email: String,
-}
-
-/// `POST /send-notification?email=[&q=]`: appends to a log file after the
-/// response.
-async fn send_notification(
-    tasks: BackgroundTasks,
-    State(state): State<AppState>,
-    LoggedQuery(q): LoggedQuery,
-    Query(query): Query<NotificationQuery>,
-) -> Json<Value> {
-    let log = state.config.notification_log();
-    let line = format!("notification sent to {}\n", query.email);
-    // A plain function doing blocking file I/O: it runs on tokio's blocking
-    // pool, like FastAPI runs a `def` task in its threadpool.
-    tasks.add_blocking(move || append_line(&log, &line));
-    Json(json!({ "message": "Notification sent in the background", "q": q }))
-}
-
-/// The guide's dependency `get_query`: an extractor that takes the same
-/// per-request [`BackgroundTasks`] and, when the query has `q`, queues
-/// `found query: Q` before the handler's own task (extractors run first).
-#[derive(Debug)]
-struct LoggedQuery(Option<String>);
-
-impl FromRequestParts<AppState> for LoggedQuery {
-    type Rejection = Response;
-
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Response> {
-        #[derive(Deserialize)]
-        struct Q {
-            q: Option<String>,
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        let msg = rejection.body_text();
+        match &rejection {
+            JsonRejection::JsonDataError(_) => {
+                // serde names a missing field "missing field `name`".
+                let missing = msg
+                    .split("missing field `")
+                    .nth(1)
+                    .and_then(|rest| rest.split('`').next());
+                match missing {
+                    Some(field) => Self::validation(&["body", field], "missing", msg.clone()),
+                    None => Self::validation(&["body"], "value_error", msg),
+                }
+            }
+            JsonRejection::MissingJsonContentType(_) => {
+                Self::validation(&["body"], "content_type", msg)
+            }
+            _ => Self::validation(&["body"], "json_invalid", msg),
         }
-        let tasks = BackgroundTasks::from_request_parts(parts, state)
-            .await
-            .map_err(IntoResponse::into_response)?;
-        let Query(Q { q }) = Query::<Q>::from_request_parts(parts, state)
-            .await
-            .map_err(IntoResponse::into_response)?;
-        if let Some(q) = &q {
-            let log = state.config.notification_log();
-            let line = format!("found query: {q}\n");
-            tasks.add_blocking(move || append_line(&log, &line));
-        }
-        Ok(LoggedQuery(q))
     }
 }
 
-fn append_line(path: &Path, line: &str) -> std::io::Result<()> {
+/// `Path<T>` whose rejection is an [`ApiError`] (422).
+#[derive(Debug)]
+pub struct PathParam<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for PathParam<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned + Send,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(value)) => Ok(PathParam(value)),
+            Err(rejection) => {
+                let keys: Vec<String> = match RawPathParams::from_request_parts(parts, state).await
+                {
+                    Ok(params) => params.iter().map(|(key, _)| key.to_owned()).collect(),
+                    Err(_) => Vec::new(),
+                };
+                Err(ApiError::from_path_rejection(rejection, &keys))
+            }
+        }
+    }
+}
+
+/// `Json<T>` whose rejection is an [`ApiError`] (422).
+#[derive(Debug)]
+pub struct JsonBody<T>(pub T);
+
+impl<S, T> FromRequest<S> for JsonBody<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let Json(value) = Json::<T>::from_request(req, state).await?;
+        Ok(JsonBody(value))
+    }
+}
+
+/// The last value of `key` in a query string, as FastAPI reads a repeated
+/// parameter declared as a single value (`?q=a&q=b` is `b`). axum's
+/// `Query<T>` rejects a repeated field instead.
+fn last_query_value(query: &[(String, String)], key: &str) -> Option<String> {
+    query
+        .iter()
+        .rev()
+        .find(|(name, _)| name == key)
+        .map(|(_, value)| value.clone())
+}
+
+// ---------------------------------------------------------------------------
+// The guide's own app: `POST /send-notification/{email}`
+// ---------------------------------------------------------------------------
+
+/// `tutorial001`: `def write_notification(email, message="")` opens
+/// `log.txt` with `mode="w"` and writes one line without a newline.
+fn write_notification(path: &Path, email: &str, message: &str) -> std::io::Result<()> {
+    std::fs::write(path, format!("notification for {email}: {message}"))
+}
+
+/// `tutorial001`'s `send_notification`: the `def` task runs on tokio's
+/// blocking pool (`add_blocking`), as FastAPI runs it in its threadpool.
+async fn send_notification_001(
+    tasks: BackgroundTasks,
+    State(state): State<AppState>,
+    PathParam(email): PathParam<String>,
+) -> Json<Value> {
+    let log = state.config.guide_log();
+    tasks.add_blocking(move || write_notification(&log, &email, "some notification"));
+    Json(json!({ "message": "Notification sent in the background" }))
+}
+
+/// `tutorial002`'s dependency `get_query`: an extractor that takes the same
+/// per-request [`BackgroundTasks`] and, `if q:`, queues `found query: {q}\n`.
+/// Extractors run in argument order, before the handler, so its task comes
+/// before the handler's, as FastAPI solves a dependency before the endpoint.
+#[derive(Debug)]
+struct GetQuery(Option<String>);
+
+impl FromRequestParts<AppState> for GetQuery {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Response> {
+        let tasks = BackgroundTasks::from_request_parts(parts, state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        // Every pair, so that a repeated `q` is the last one (as in FastAPI),
+        // not axum's 400 "duplicate field".
+        let Query(query) = Query::<Vec<(String, String)>>::from_request_parts(parts, state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let q = last_query_value(&query, "q");
+        // Python's `if q:`: neither a missing nor an empty `q` is logged.
+        if let Some(q) = q.as_deref().filter(|q| !q.is_empty()) {
+            let log = state.config.guide_log();
+            let message = format!("found query: {q}\n");
+            tasks.add_blocking(move || write_log(&log, &message));
+        }
+        Ok(GetQuery(q))
+    }
+}
+
+/// `tutorial002`'s `def write_log(message)`: appends to `log.txt`.
+fn write_log(path: &Path, message: &str) -> std::io::Result<()> {
     OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)?
-        .write_all(line.as_bytes())
+        .write_all(message.as_bytes())
+}
+
+/// `tutorial002`'s `send_notification`. `GetQuery` comes first: FastAPI runs
+/// the dependency before it validates the endpoint's own parameters, so a
+/// request whose `email` fails validation has already queued `found query`.
+async fn send_notification_002(
+    tasks: BackgroundTasks,
+    State(state): State<AppState>,
+    GetQuery(_q): GetQuery,
+    PathParam(email): PathParam<String>,
+) -> Json<Value> {
+    let log = state.config.guide_log();
+    let message = format!("message to {email}\n");
+    tasks.add_blocking(move || write_log(&log, &message));
+    Json(json!({ "message": "Message sent" }))
 }
 
 // ---------------------------------------------------------------------------
@@ -334,7 +506,7 @@ struct Registration {
 async fn register(
     tasks: BackgroundTasks,
     State(state): State<AppState>,
-    Json(registration): Json<Registration>,
+    JsonBody(registration): JsonBody<Registration>,
 ) -> (StatusCode, Json<Value>) {
     let name = registration
         .name
@@ -367,20 +539,23 @@ pub struct NewUser {
 }
 
 impl NewUser {
-    /// The first problem with this user, as a message for the client.
-    pub fn validate(&self) -> Result<(), String> {
+    /// The first problem with this user: the field and a message for the client.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
         let username = self.username.trim();
         if username.is_empty() || username.len() > 64 || username != self.username {
-            return Err("username: must be 1 to 64 characters, without surrounding spaces".into());
+            return Err((
+                "username",
+                "must be 1 to 64 characters, without surrounding spaces".into(),
+            ));
         }
         if !is_valid_email(&self.email) {
-            return Err(format!(
-                "email: {:?} is not a valid email address",
-                self.email
+            return Err((
+                "email",
+                format!("{:?} is not a valid email address", self.email),
             ));
         }
         if self.password.chars().count() < 8 {
-            return Err("password: must be at least 8 characters".into());
+            return Err(("password", "must be at least 8 characters".into()));
         }
         Ok(())
     }
@@ -405,10 +580,10 @@ pub fn is_valid_email(email: &str) -> bool {
 async fn create_user(
     tasks: BackgroundTasks,
     State(state): State<AppState>,
-    body: Result<Json<NewUser>, JsonRejection>,
+    JsonBody(user): JsonBody<NewUser>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let user = read_body(body)?;
-    user.validate().map_err(ApiError::unprocessable)?;
+    user.validate()
+        .map_err(|(field, msg)| ApiError::validation(&["body", field], "value_error", msg))?;
     // ... store the user (and hash the password) here ...
     tasks.add(send_welcome_email(
         state.http.clone(),
@@ -536,9 +711,8 @@ pub struct Post {
 async fn create_post(
     tasks: BackgroundTasks,
     State(state): State<AppState>,
-    body: Result<Json<Post>, JsonRejection>,
+    JsonBody(post): JsonBody<Post>,
 ) -> Result<(StatusCode, Json<Post>), ApiError> {
-    let post = read_body(body)?;
     let key = format!("post:{}", post.id);
     let value = serde_json::to_string(&post).map_err(ApiError::internal)?;
     let cache = state.cache.clone();
@@ -549,7 +723,7 @@ async fn create_post(
 /// `GET /posts/{id}`: the cached post with its remaining TTL, or 404.
 async fn cached_post(
     State(state): State<AppState>,
-    UrlPath(id): UrlPath<u64>,
+    PathParam(id): PathParam<u64>,
 ) -> Result<Json<Value>, ApiError> {
     let key = format!("post:{id}");
     match state
@@ -559,7 +733,7 @@ async fn cached_post(
         .map_err(ApiError::internal)?
     {
         Some((value, ttl)) => Ok(Json(json!({ "key": key, "value": value, "ttl_secs": ttl }))),
-        None => Err(ApiError(
+        None => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!("{key} is not cached"),
         )),
@@ -586,9 +760,8 @@ struct ReportRow {
 async fn create_report(
     tasks: BackgroundTasks,
     State(state): State<AppState>,
-    body: Result<Json<ReportRequest>, JsonRejection>,
+    JsonBody(report): JsonBody<ReportRequest>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let report = read_body(body)?;
     // The name becomes a file name: no path separators, no dots.
     let name_ok = (1..=64).contains(&report.name.len())
         && report
@@ -596,8 +769,10 @@ async fn create_report(
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
     if !name_ok {
-        return Err(ApiError::unprocessable(
-            "name: must be 1 to 64 letters, digits, '-' or '_'",
+        return Err(ApiError::validation(
+            &["body", "name"],
+            "value_error",
+            "must be 1 to 64 letters, digits, '-' or '_'",
         ));
     }
     let file_name = format!("{}.csv", report.name);
@@ -629,11 +804,6 @@ async fn create_report(
 // Analytics after the response
 // ---------------------------------------------------------------------------
 
-#[derive(Debug, Deserialize)]
-struct ItemQuery {
-    user_id: Option<String>,
-}
-
 /// One line of the analytics log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AnalyticsEvent {
@@ -650,14 +820,15 @@ pub struct AnalyticsEvent {
 async fn read_item(
     tasks: BackgroundTasks,
     State(state): State<AppState>,
-    UrlPath(id): UrlPath<u64>,
-    Query(query): Query<ItemQuery>,
+    PathParam(id): PathParam<u64>,
+    Query(query): Query<Vec<(String, String)>>,
     uri: Uri,
 ) -> Json<Value> {
     let started = Instant::now();
+    let user = last_query_value(&query, "user_id").unwrap_or_else(|| "anonymous".to_owned());
     let event_for = move |duration: Duration| AnalyticsEvent {
         endpoint: uri.path().to_owned(),
-        user: query.user_id.unwrap_or_else(|| "anonymous".to_owned()),
+        user,
         duration_ms: duration.as_secs_f64() * 1000.0,
     };
     let log = state.config.analytics_log();
@@ -741,7 +912,7 @@ async fn parallel(tasks: BackgroundTasks, State(state): State<AppState>) -> Json
 async fn count_view(
     tasks: BackgroundTasks,
     State(state): State<AppState>,
-    UrlPath(id): UrlPath<i64>,
+    PathParam(id): PathParam<i64>,
 ) -> (StatusCode, Json<Value>) {
     // Move a clone of the pool into the task, never a connection or a
     // transaction borrowed from the request: those end with the handler.
@@ -765,7 +936,7 @@ async fn count_view(
 /// `GET /posts/{id}/stats`: the view count (0 if never counted).
 async fn post_stats(
     State(state): State<AppState>,
-    UrlPath(id): UrlPath<i64>,
+    PathParam(id): PathParam<i64>,
 ) -> Result<Json<Value>, ApiError> {
     let views: Option<i64> = sqlx::query_scalar("SELECT views FROM post_stats WHERE post_id = ?1")
         .bind(id)
@@ -821,68 +992,4 @@ async fn receive_mail(State(outbox): State<Outbox>, Json(mail): Json<Mail>) -> S
     tracing::info!(to = %mail.to, subject = %mail.subject, "mail sink: email received");
     outbox.push(mail);
     StatusCode::ACCEPTED
-}
-
-// ---------------------------------------------------------------------------
-// main: a server, stopped with Ctrl-C
-// ---------------------------------------------------------------------------
-
-#[tokio::main]
-async fn main() -> Result<(), BoxError> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,tower_background=debug".into()),
-        )
-        .init();
-
-    // Keep the temporary directory alive until the end of `main`.
-    let (data_dir, _temp_dir) = match std::env::var_os("DATA_DIR") {
-        Some(dir) => (PathBuf::from(dir), None),
-        None => {
-            let dir = tempfile::Builder::new()
-                .prefix("fastapi-guide-")
-                .tempdir()?;
-            (dir.path().to_owned(), Some(dir))
-        }
-    };
-    let mail_url = match std::env::var("MAIL_URL") {
-        Ok(url) if !url.is_empty() => url,
-        _ => start_mail_sink().await?.0,
-    };
-    let config = Config::from_env(&data_dir, mail_url);
-    println!("data directory: {}", config.data_dir.display());
-    println!("database:       {}", config.database_path.display());
-    println!("mail endpoint:  {}", config.mail_url);
-    match &config.redis_url {
-        Some(url) => println!("post cache:     Redis at {url}"),
-        None => println!("post cache:     in-process (set REDIS_URL to use Redis)"),
-    }
-
-    let (router, handle) = app(config).await?;
-    let port: u16 = match std::env::var("PORT") {
-        Ok(port) => port.parse()?,
-        Err(_) => 3000,
-    };
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
-    println!(
-        "listening on http://{}  (Ctrl-C to stop)",
-        listener.local_addr()?
-    );
-
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-            println!("shutting down: no new connections, draining background tasks");
-        })
-        .await?;
-    // The server has stopped: give the queued tasks 10 s to finish.
-    let report = handle.shutdown(Duration::from_secs(10)).await;
-    println!(
-        "background tasks: {} completed while draining, {} cancelled; totals {:?}",
-        report.completed,
-        report.cancelled,
-        handle.stats()
-    );
-    Ok(())
 }
