@@ -4,12 +4,13 @@
 //! `BackgroundHandle::shutdown`.
 //!
 //! ```text
-//! cargo run --example hyper_server          # PORT=8080 to change the port
+//! cargo run --example hyper_server          # PORT=8080 to change the port, RUST_LOG=debug for more
 //! curl http://127.0.0.1:3000/hello          # answers at once; the task logs half a second later
 //! # stop it with Ctrl-C: in-flight responses finish, then tasks get 10 s
 //! ```
 
 use std::convert::Infallible;
+use std::io::IsTerminal;
 use std::net::Ipv4Addr;
 use std::pin::pin;
 use std::time::Duration;
@@ -25,7 +26,8 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tower::ServiceBuilder;
 use tower_background::{BackgroundLayer, BackgroundTasks};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::prelude::*;
 
 /// The handler: answers at once and queues a task that runs after the
 /// response has been sent.
@@ -47,8 +49,16 @@ async fn hello(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallib
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+    // `RUST_LOG` as a level or `target=level` list (`debug`,
+    // `tower_background=debug`), INFO by default; no colour codes when the
+    // output goes to a file or a pipe.
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|s| s.parse::<Targets>().ok())
+        .unwrap_or_else(|| Targets::new().with_default(LevelFilter::INFO));
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_ansi(std::io::stdout().is_terminal()))
+        .with(filter)
         .init();
 
     let port: u16 = match std::env::var("PORT") {
@@ -108,7 +118,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let report = handle.shutdown(Duration::from_secs(10)).await;
     println!(
         "background tasks: {} completed during shutdown, {} cancelled",
-        report.completed, report.cancelled
+        tasks(report.completed),
+        report.cancelled
     );
     Ok(())
+}
+
+/// "1 task", "2 tasks".
+fn tasks(n: u64) -> String {
+    if n == 1 {
+        "1 task".to_owned()
+    } else {
+        format!("{n} tasks")
+    }
 }
