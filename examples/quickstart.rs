@@ -19,8 +19,12 @@
 //! ```
 //!
 //! The handler takes the queue with axum's `Extension` extractor, which needs
-//! no feature of this crate. With the `axum` feature, `tasks: BackgroundTasks`
-//! is an extractor of its own (and a missing layer gets a clearer error).
+//! no feature of this crate, so the command above needs no `--features` (a
+//! root dev-dependency on this crate with `features = ["axum"]` would do that
+//! too, but it would turn the feature on for every test build of the root,
+//! and `cargo test` without features would no longer test the library
+//! without it). With the `axum` feature, `tasks: BackgroundTasks` is an
+//! extractor of its own, and a missing layer gets an error that names the fix.
 
 use std::error::Error;
 use std::io::IsTerminal;
