@@ -1,5 +1,5 @@
-//! [`BackgroundBody`]: forwards the response body and starts the request's
-//! tasks when it ends.
+//! [`BackgroundBody`]: forwards the response body, tells how it ended, and
+//! starts the request's tasks once the server is done with it.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -10,7 +10,7 @@ use http::{header::CONTENT_LENGTH, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
-use crate::tasks::RequestQueue;
+use crate::request::RequestQueue;
 use crate::{Completion, Outcome};
 
 pin_project! {
@@ -18,12 +18,23 @@ pin_project! {
     ///
     /// It forwards every frame, [`size_hint`](Body::size_hint) and
     /// [`is_end_stream`](Body::is_end_stream) of the inner body unchanged and
-    /// adds no allocation per frame. The request's tasks start when it
-    /// reaches its end: `poll_frame` returns `None` or a trailers frame (the
-    /// last frame of any body), or the inner body reports
-    /// [`is_end_stream`](Body::is_end_stream) after a frame. If it is dropped
-    /// first, the tasks start all the same, with [`Outcome::NoBody`] if it
-    /// was never polled and [`Outcome::Aborted`] otherwise.
+    /// adds no allocation per frame.
+    ///
+    /// The body *ends* when `poll_frame` returns `None`, an error or a
+    /// trailers frame (always the last), or a data frame after which the
+    /// inner body reports [`is_end_stream`](Body::is_end_stream). The
+    /// request's tasks start once the server has taken the last frame: when
+    /// it drops the ended body (hyper does right after taking the last
+    /// frame), polls it again, or gets `None` from it. They never start
+    /// inside the poll that hands over the last frame, so they cannot get in
+    /// the way of its write. A consumer that keeps a body it stopped polling
+    /// after its last frame delays the tasks until it drops the body.
+    ///
+    /// Dropped before its end, the body was [`Aborted`](Outcome::Aborted),
+    /// unless it was never polled and had nothing to send (a `HEAD` request,
+    /// a 1xx, 204 or 304 status, or a body whose size is exactly 0): then it
+    /// is [`NoBody`](Outcome::NoBody). A body dropped after yielding exactly
+    /// its `Content-Length` is [`Finished`](Outcome::Finished).
     ///
     /// ```
     /// use http_body_util::{BodyExt, Full};
@@ -38,33 +49,44 @@ pin_project! {
     pub struct BackgroundBody<B> {
         #[pin]
         inner: B,
-        guard: FinishOnDrop,
+        guard: StartOnDrop,
     }
 }
 
 impl<B: Body> BackgroundBody<B> {
-    pub(crate) fn wrap(res: Response<B>, queue: Option<Arc<RequestQueue>>) -> Response<Self> {
+    pub(crate) fn wrap(
+        res: Response<B>,
+        queue: Option<Arc<RequestQueue>>,
+        head: bool,
+    ) -> Response<Self> {
         let status = res.status();
-        // A body that stops at its exact length may be dropped by the server
-        // without a last poll: knowing the length tells that drop apart from
-        // an abort.
-        let length = match &queue {
-            Some(_) => res.body().size_hint().exact().or_else(|| {
+        let mut guard = StartOnDrop {
+            queue: None,
+            status,
+            ended: None,
+            polled: false,
+            nothing_to_send: false,
+            remaining: None,
+        };
+        if let Some(queue) = queue {
+            let size = res.body().size_hint();
+            guard.nothing_to_send = head
+                || status.is_informational()
+                || status == StatusCode::NO_CONTENT
+                || status == StatusCode::NOT_MODIFIED
+                || size.exact() == Some(0)
+                || res.body().is_end_stream();
+            // A body that stops at its exact length may be dropped by the
+            // server without a last poll: knowing the length tells that drop
+            // apart from an abort.
+            guard.remaining = size.exact().or_else(|| {
                 res.headers()
                     .get(CONTENT_LENGTH)
                     .and_then(|v| v.to_str().ok()?.parse().ok())
-            }),
-            None => None,
-        };
-        res.map(|inner| BackgroundBody {
-            inner,
-            guard: FinishOnDrop {
-                queue,
-                status,
-                polled: false,
-                remaining: length,
-            },
-        })
+            });
+            guard.queue = Some(queue);
+        }
+        res.map(|inner| BackgroundBody { inner, guard })
     }
 }
 
@@ -78,24 +100,34 @@ impl<B: Body> Body for BackgroundBody<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let mut this = self.project();
-        let polled = this.inner.as_mut().poll_frame(cx);
         let guard = this.guard;
-        if guard.queue.is_some() {
-            guard.polled = true;
-            match &polled {
-                Poll::Pending => {}
-                Poll::Ready(None) => guard.finish(Outcome::Finished),
-                Poll::Ready(Some(Err(_))) => guard.finish(Outcome::BodyError),
-                Poll::Ready(Some(Ok(frame))) => {
-                    if let (Some(remaining), Some(data)) = (&mut guard.remaining, frame.data_ref())
-                    {
-                        *remaining = remaining.saturating_sub(data.remaining() as u64);
-                    }
-                    // Trailers are always the last frame; servers do not
-                    // poll for the `None` after them (hyper's HTTP/2 does not).
-                    if frame.is_trailers() || this.inner.is_end_stream() {
-                        guard.finish(Outcome::Finished);
-                    }
+        if guard.queue.is_none() {
+            return this.inner.poll_frame(cx);
+        }
+        if guard.ended.is_some() {
+            // Polled again after its end: the last frame is out of our hands.
+            guard.start();
+            return this.inner.poll_frame(cx);
+        }
+        let polled = this.inner.as_mut().poll_frame(cx);
+        guard.polled = true;
+        match &polled {
+            Poll::Pending => {}
+            Poll::Ready(None) => {
+                // The end signal carries nothing to write: every frame is
+                // already in the server's hands.
+                guard.ended = Some(Outcome::Finished);
+                guard.start();
+            }
+            Poll::Ready(Some(Err(_))) => guard.ended = Some(Outcome::BodyError),
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(remaining), Some(data)) = (&mut guard.remaining, frame.data_ref()) {
+                    *remaining = remaining.saturating_sub(data.remaining() as u64);
+                }
+                // Trailers are always the last frame; servers do not poll for
+                // the `None` after them (hyper's HTTP/2 does not).
+                if frame.is_trailers() || this.inner.is_end_stream() {
+                    guard.ended = Some(Outcome::Finished);
                 }
             }
         }
@@ -117,10 +149,12 @@ impl<B: Default> Default for BackgroundBody<B> {
     fn default() -> Self {
         Self {
             inner: B::default(),
-            guard: FinishOnDrop {
+            guard: StartOnDrop {
                 queue: None,
                 status: StatusCode::OK,
+                ended: None,
                 polled: false,
+                nothing_to_send: false,
                 remaining: None,
             },
         }
@@ -130,38 +164,42 @@ impl<B: Default> Default for BackgroundBody<B> {
 impl<B> std::fmt::Debug for BackgroundBody<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BackgroundBody")
-            .field("finished", &self.guard.queue.is_none())
+            .field("ended", &self.guard.ended)
+            .field("tasks_started", &self.guard.queue.is_none())
             .finish_non_exhaustive()
     }
 }
 
-/// Starts the request's tasks when the body ends, or when it is dropped.
-struct FinishOnDrop {
-    /// `None` once finished.
+/// Starts the request's tasks when the server lets go of the body.
+struct StartOnDrop {
+    /// `None` once the tasks were started.
     queue: Option<Arc<RequestQueue>>,
     status: StatusCode,
+    /// How the body ended, once it has.
+    ended: Option<Outcome>,
     polled: bool,
+    /// Never polling this body sends the whole response.
+    nothing_to_send: bool,
     /// Bytes still expected, when the length is known.
     remaining: Option<u64>,
 }
 
-impl FinishOnDrop {
-    fn finish(&mut self, outcome: Outcome) {
+impl StartOnDrop {
+    fn start(&mut self) {
         if let Some(queue) = self.queue.take() {
+            let outcome = match self.ended {
+                Some(outcome) => outcome,
+                None if !self.polled && self.nothing_to_send => Outcome::NoBody,
+                None if self.polled && self.remaining == Some(0) => Outcome::Finished,
+                None => Outcome::Aborted,
+            };
             queue.finish(Completion::new(self.status, outcome));
         }
     }
 }
 
-impl Drop for FinishOnDrop {
+impl Drop for StartOnDrop {
     fn drop(&mut self) {
-        let outcome = if !self.polled {
-            Outcome::NoBody
-        } else if self.remaining == Some(0) {
-            Outcome::Finished
-        } else {
-            Outcome::Aborted
-        };
-        self.finish(outcome);
+        self.start();
     }
 }

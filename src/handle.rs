@@ -1,104 +1,19 @@
-//! The layer's registry of tasks, and [`BackgroundHandle`], its public face.
-//!
-//! Every task of a layer is counted here from the moment it is added until it
-//! ends in exactly one bucket. All transitions go through one lock so that
-//! [`BackgroundHandle::stats`] is a consistent snapshot. Requests that add no
-//! task never touch the registry.
+//! [`BackgroundHandle`], the public face of a layer's registry: counts,
+//! waiting and shutdown.
 
 use std::future::Future;
-use std::pin::pin;
-use std::sync::{Arc, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::futures::Notified;
-use tokio::sync::Notify;
-
-use crate::sync::{Mutex, MutexGuard};
-
-/// Counts of a layer's tasks, as returned by [`BackgroundHandle::stats`].
-///
-/// `pending` and `running` are the tasks in flight; the other six fields are
-/// buckets: every task added ends in exactly one of them. The snapshot is
-/// consistent: a task is never counted twice or missed, so at any moment
-/// tasks added = `pending + running + completed + failed + panicked +
-/// timed_out + discarded + cancelled`.
-///
-/// # Example
-///
-/// ```
-/// use tower_background::BackgroundLayer;
-///
-/// let layer = BackgroundLayer::new();
-/// let stats = layer.handle().stats();
-/// assert_eq!(stats.pending + stats.running, 0);
-/// assert_eq!(stats.total(), 0);
-/// ```
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct Stats {
-    /// Added and not started yet: waiting for their response body to finish,
-    /// for the previous task of their request, or for a permit of
-    /// [`max_concurrent_tasks`](crate::BackgroundLayer::max_concurrent_tasks).
-    pub pending: u64,
-    /// Executing now.
-    pub running: u64,
-    /// Ran to the end and returned `()` or `Ok`.
-    pub completed: u64,
-    /// Ran to the end and returned `Err`.
-    pub failed: u64,
-    /// Panicked.
-    pub panicked: u64,
-    /// Outlived [`task_timeout`](crate::BackgroundLayer::task_timeout).
-    pub timed_out: u64,
-    /// Never run because their request produced no response, or because the
-    /// response was aborted with [`run_on_abort(false)`](crate::BackgroundLayer::run_on_abort).
-    pub discarded: u64,
-    /// Stopped or never run because of [`BackgroundHandle::shutdown`] (or
-    /// because the tokio runtime they were to run on went away).
-    pub cancelled: u64,
-}
-
-impl Stats {
-    /// Every task counted: in flight plus ended.
-    ///
-    /// ```
-    /// # use tower_background::BackgroundLayer;
-    /// let stats = BackgroundLayer::new().handle().stats();
-    /// assert_eq!(stats.total(), stats.pending + stats.running + stats.ended());
-    /// ```
-    #[must_use]
-    pub fn total(&self) -> u64 {
-        self.pending + self.running + self.ended()
-    }
-
-    /// Tasks that have ended, in whatever bucket.
-    ///
-    /// ```
-    /// # use tower_background::BackgroundLayer;
-    /// let stats = BackgroundLayer::new().handle().stats();
-    /// assert_eq!(stats.ended(), stats.completed + stats.failed + stats.panicked
-    ///     + stats.timed_out + stats.discarded + stats.cancelled);
-    /// ```
-    #[must_use]
-    pub fn ended(&self) -> u64 {
-        self.completed
-            + self.failed
-            + self.panicked
-            + self.timed_out
-            + self.discarded
-            + self.cancelled
-    }
-
-    fn is_idle(&self) -> bool {
-        self.pending == 0 && self.running == 0
-    }
-}
+use crate::registry::{self, Registry};
+use crate::Stats;
 
 /// What [`BackgroundHandle::shutdown`] did.
 ///
-/// Both fields count over the call, from its start to its return, so two
-/// concurrent calls report the same `cancelled` and a later call reports
-/// `0` for work it found already settled.
+/// Both fields count what changed between the call's start and its return:
+/// a later call reports `0` for work it found already settled. Concurrent
+/// calls each report their own interval; when they overlap the close they
+/// report the same figures, unless a task ended between their starts.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ShutdownReport {
@@ -107,175 +22,6 @@ pub struct ShutdownReport {
     /// Tasks that were cancelled: still running or pending when the grace
     /// period ended, or added or triggered after the layer was closed.
     pub cancelled: u64,
-}
-
-/// How a started task ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Ended {
-    Completed,
-    Failed,
-    Panicked,
-    TimedOut,
-    Cancelled,
-}
-
-/// A bucket for tasks that never started.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Unstarted {
-    Discarded,
-    Cancelled,
-}
-
-/// The shared counts of one layer (and all its clones).
-#[derive(Debug, Default)]
-pub(crate) struct Registry {
-    state: Mutex<State>,
-    /// Woken when the layer becomes idle and somebody waits for it.
-    idle: Notify,
-    /// Woken once, when the layer is closed by `shutdown`.
-    closed: Notify,
-}
-
-#[derive(Debug, Default)]
-struct State {
-    stats: Stats,
-    /// Set once by `shutdown`: from then on every task is cancelled.
-    closed: bool,
-    /// How many `wait_idle` futures wait; the idle transition only notifies
-    /// when there is somebody to notify.
-    idle_waiters: usize,
-}
-
-impl Registry {
-    fn lock(&self) -> MutexGuard<'_, State> {
-        // The counts stay meaningful even if a thread panicked while holding
-        // the lock: every update is a handful of additions.
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn settle(&self, state: &State) {
-        if state.idle_waiters > 0 && state.stats.is_idle() {
-            self.idle.notify_waiters();
-        }
-    }
-
-    /// Counts `n` new tasks. Returns `false` if the layer is closed: then
-    /// they are counted as cancelled and must not run.
-    pub(crate) fn admit(&self, n: u64) -> bool {
-        let mut state = self.lock();
-        if state.closed {
-            state.stats.cancelled += n;
-            false
-        } else {
-            state.stats.pending += n;
-            true
-        }
-    }
-
-    /// Moves one pending task to running. Returns `false` if the layer is
-    /// closed: the task was counted as cancelled by `close` and must not run.
-    pub(crate) fn start(&self) -> bool {
-        let mut state = self.lock();
-        if state.closed {
-            return false;
-        }
-        state.stats.pending -= 1;
-        state.stats.running += 1;
-        true
-    }
-
-    /// Moves one running task to the bucket it ended in. Returns `false`
-    /// if the layer is closed: `close` already counted it as cancelled.
-    pub(crate) fn end(&self, ended: Ended) -> bool {
-        let mut state = self.lock();
-        if state.closed {
-            return false;
-        }
-        let stats = &mut state.stats;
-        stats.running -= 1;
-        *match ended {
-            Ended::Completed => &mut stats.completed,
-            Ended::Failed => &mut stats.failed,
-            Ended::Panicked => &mut stats.panicked,
-            Ended::TimedOut => &mut stats.timed_out,
-            Ended::Cancelled => &mut stats.cancelled,
-        } += 1;
-        self.settle(&state);
-        true
-    }
-
-    /// Moves `n` pending tasks that will never start to `bucket`. Returns
-    /// `false` if the layer is closed: `close` already counted them.
-    pub(crate) fn forget(&self, n: u64, bucket: Unstarted) -> bool {
-        if n == 0 {
-            return false;
-        }
-        let mut state = self.lock();
-        if state.closed {
-            return false;
-        }
-        state.stats.pending -= n;
-        match bucket {
-            Unstarted::Discarded => state.stats.discarded += n,
-            Unstarted::Cancelled => state.stats.cancelled += n,
-        }
-        self.settle(&state);
-        true
-    }
-
-    /// Closes the layer: every task pending or running is counted as
-    /// cancelled, and runners are told to stop. Idempotent.
-    fn close(&self) {
-        let mut state = self.lock();
-        if state.closed {
-            return;
-        }
-        state.closed = true;
-        let stats = &mut state.stats;
-        stats.cancelled += stats.pending + stats.running;
-        stats.pending = 0;
-        stats.running = 0;
-        self.settle(&state);
-        drop(state);
-        self.closed.notify_waiters();
-    }
-
-    /// A future that resolves when the layer is closed. Runners enable it
-    /// before their first task and poll it next to every task.
-    pub(crate) fn closed(&self) -> Notified<'_> {
-        self.closed.notified()
-    }
-
-    pub(crate) fn stats(&self) -> Stats {
-        self.lock().stats
-    }
-
-    async fn wait_idle(&self) {
-        loop {
-            let mut notified = pin!(self.idle.notified());
-            {
-                let mut state = self.lock();
-                if state.stats.is_idle() {
-                    return;
-                }
-                // Registered before the lock is released: an idle transition
-                // after this point wakes us.
-                notified.as_mut().enable();
-                state.idle_waiters += 1;
-            }
-            let _waiter = IdleWaiter(self);
-            notified.await;
-        }
-    }
-}
-
-/// Unregisters an idle waiter, also when its future is dropped early.
-struct IdleWaiter<'a>(&'a Registry);
-
-impl Drop for IdleWaiter<'_> {
-    fn drop(&mut self) {
-        self.0.lock().idle_waiters -= 1;
-    }
 }
 
 /// A handle on a layer's tasks: counts, waiting, shutdown.
@@ -329,6 +75,11 @@ impl BackgroundHandle {
 
     /// Resolves as soon as no task of the layer is pending or running.
     ///
+    /// It cannot resolve while a response body that has tasks is still held:
+    /// the tasks start when the body is dropped (or polled again after its
+    /// end), so read the body to its end and drop it, or just drop it, before
+    /// you await `wait_idle` in a test.
+    ///
     /// Tasks count as pending from the moment they are added, also while
     /// their response body is still streaming, so after a client has read a
     /// whole response, `wait_idle` waits for that request's tasks. This is the
@@ -337,8 +88,9 @@ impl BackgroundHandle {
     ///
     /// It resolves at the first instant the layer is idle: while requests
     /// keep adding tasks it may wait indefinitely, so bound it with
-    /// [`tokio::time::timeout`] where that matters. It is resolved at once on
-    /// a layer that has been shut down. Dropping the future is harmless.
+    /// [`tokio::time::timeout`] where that matters. After a
+    /// [`shutdown`](Self::shutdown) it resolves at once (everything in flight
+    /// was counted as cancelled). Dropping the future is harmless.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() {
@@ -351,8 +103,7 @@ impl BackgroundHandle {
     /// # }
     /// ```
     pub fn wait_idle(&self) -> impl Future<Output = ()> + Send + 'static {
-        let registry = Arc::clone(&self.registry);
-        async move { registry.wait_idle().await }
+        registry::wait_idle(Arc::clone(&self.registry))
     }
 
     /// Waits up to `grace` for every outstanding task, then cancels what is

@@ -1,5 +1,6 @@
 //! A queued task: one heap allocation holding the user's work, its tracing
-//! span and the link to the next task of its request.
+//! span and the link to the next task of its request; and [`Ending`], the one
+//! enum that says how a task ended.
 //!
 //! The three kinds of work (`add`, `add_blocking`, `add_with`) are three
 //! [`Work`] types behind one object-safe [`Job`] trait, so a request's queue
@@ -8,14 +9,15 @@
 
 use std::fmt;
 use std::future::Future;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use pin_project_lite::pin_project;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::task::JoinHandle;
 use tracing::Span;
 
+use crate::registry::Bucket;
 use crate::Completion;
 
 /// The output of a background task: `()` or `Result<T, E>`.
@@ -62,25 +64,50 @@ pub(crate) mod sealed {
     }
 }
 
-/// How a task's own work ended (timeouts and cancellation are the runner's).
+/// How a task ended: exactly one per task, and each lands in one bucket of
+/// [`Stats`](crate::Stats).
 #[derive(Debug)]
-pub(crate) enum Finish {
+pub(crate) enum Ending {
+    /// Ran to the end and returned `()` or `Ok`.
     Completed,
+    /// Returned `Err`, with its `Display` text.
     Failed(String),
+    /// Panicked, with the panic message.
     Panicked(String),
-    /// An `add_blocking` closure whose join handle was cancelled: the
-    /// runtime is shutting down.
-    Lost,
+    /// Outlived the layer's `task_timeout`.
+    TimedOut,
+    /// Never ran: its request produced no response, or its response was
+    /// aborted and the layer does not run tasks on abort.
+    Discarded,
+    /// Stopped or never run: the layer was shut down, or the runtime went
+    /// away (an `add_blocking` closure whose join handle was cancelled).
+    Cancelled,
 }
 
+impl Ending {
+    pub(crate) fn bucket(&self) -> Bucket {
+        match self {
+            Ending::Completed => Bucket::Completed,
+            Ending::Failed(_) => Bucket::Failed,
+            Ending::Panicked(_) => Bucket::Panicked,
+            Ending::TimedOut => Bucket::TimedOut,
+            Ending::Discarded => Bucket::Discarded,
+            Ending::Cancelled => Bucket::Cancelled,
+        }
+    }
+}
+
+/// A permit of `max_concurrent_tasks` that a blocking closure takes along,
+/// released when it is dropped.
+pub(crate) type OwnedPermit = Box<dyn Send>;
+
 /// What a task receives when it starts.
-#[derive(Debug)]
 pub(crate) struct Start {
     pub(crate) completion: Completion,
-    /// The concurrency permit, if the layer has a limit. Blocking work takes
-    /// it along to the blocking pool so that the limit holds until the
-    /// closure really returns, even after a timeout.
-    pub(crate) permit: Option<OwnedSemaphorePermit>,
+    /// The concurrency permit, if the layer has a limit and the task is
+    /// blocking work: it takes it along to the blocking pool so that the
+    /// limit holds until the closure really returns, even after a timeout.
+    pub(crate) permit: Option<OwnedPermit>,
 }
 
 pub(crate) type Link = Option<Box<dyn Job>>;
@@ -93,19 +120,22 @@ pub(crate) trait Job: Send + 'static {
     fn span(&self) -> &Span;
     /// Added with `add_with`: runs even when the response was aborted.
     fn wants_completion(&self) -> bool;
+    /// Added with `add_blocking`: runs on the blocking pool.
+    fn is_blocking(&self) -> bool;
     /// Drives the task; the first call starts it.
-    fn poll_run(self: Pin<&mut Self>, cx: &mut Context<'_>, start: &mut Start) -> Poll<Finish>;
+    fn poll_run(self: Pin<&mut Self>, cx: &mut Context<'_>, start: &mut Start) -> Poll<Ending>;
 }
 
 /// The user's work inside a [`Task`].
 pub(crate) trait Work: Send + 'static {
     const WANTS_COMPLETION: bool;
+    const IS_BLOCKING: bool = false;
     fn poll_work(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         start: &mut Start,
         span: &Span,
-    ) -> Poll<Finish>;
+    ) -> Poll<Ending>;
 }
 
 pin_project! {
@@ -141,7 +171,11 @@ impl<W: Work> Job for Task<W> {
         W::WANTS_COMPLETION
     }
 
-    fn poll_run(self: Pin<&mut Self>, cx: &mut Context<'_>, start: &mut Start) -> Poll<Finish> {
+    fn is_blocking(&self) -> bool {
+        W::IS_BLOCKING
+    }
+
+    fn poll_run(self: Pin<&mut Self>, cx: &mut Context<'_>, start: &mut Start) -> Poll<Ending> {
         let this = self.project();
         let _entered = this.span.enter();
         this.work.poll_work(cx, start, this.span)
@@ -174,7 +208,7 @@ where
         cx: &mut Context<'_>,
         _start: &mut Start,
         _span: &Span,
-    ) -> Poll<Finish> {
+    ) -> Poll<Ending> {
         let output = ready!(self.project().future.poll(cx));
         Poll::Ready(finish(output))
     }
@@ -201,19 +235,20 @@ where
     R: TaskOutput,
 {
     const WANTS_COMPLETION: bool = false;
+    const IS_BLOCKING: bool = true;
 
     fn poll_work(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         start: &mut Start,
         span: &Span,
-    ) -> Poll<Finish> {
+    ) -> Poll<Ending> {
         let this = self.get_mut();
         if let BlockingWork::Waiting(f) = this {
             let Some(f) = f.take() else {
                 // Unreachable: `Waiting(None)` only exists for the instant
                 // between `take` and the assignment below.
-                return Poll::Ready(Finish::Lost);
+                return Poll::Ready(Ending::Cancelled);
             };
             let permit = start.permit.take();
             let span = span.clone();
@@ -226,10 +261,10 @@ where
             unreachable!("blocking work is running once started")
         };
         Poll::Ready(match ready!(Pin::new(handle).poll(cx)) {
-            Ok(None) => Finish::Completed,
-            Ok(Some(error)) => Finish::Failed(error),
-            Err(e) if e.is_panic() => Finish::Panicked(panic_message(&*e.into_panic())),
-            Err(_) => Finish::Lost,
+            Ok(None) => Ending::Completed,
+            Ok(Some(error)) => Ending::Failed(error),
+            Err(e) if e.is_panic() => Ending::Panicked(panic_message(&*e.into_panic())),
+            Err(_) => Ending::Cancelled,
         })
     }
 }
@@ -263,10 +298,10 @@ where
         cx: &mut Context<'_>,
         start: &mut Start,
         _span: &Span,
-    ) -> Poll<Finish> {
+    ) -> Poll<Ending> {
         if let WithCompletionProj::Waiting { f } = self.as_mut().project() {
             let Some(f) = f.take() else {
-                return Poll::Ready(Finish::Lost);
+                return Poll::Ready(Ending::Cancelled);
             };
             let future = f(start.completion);
             self.set(WithCompletion::Running { future });
@@ -278,10 +313,22 @@ where
     }
 }
 
-fn finish(output: impl TaskOutput) -> Finish {
+fn finish(output: impl TaskOutput) -> Ending {
     match output.into_failure() {
-        None => Finish::Completed,
-        Some(error) => Finish::Failed(error),
+        None => Ending::Completed,
+        Some(error) => Ending::Failed(error),
+    }
+}
+
+/// Drops a task's value so that a panicking `Drop` is logged and goes no
+/// further: it must not abort the process (a second panic while unwinding)
+/// nor take the request's other tasks down with it.
+pub(crate) fn drop_guarded<T>(value: T) {
+    if let Err(payload) = catch_unwind(AssertUnwindSafe(move || drop(value))) {
+        tracing::error!(
+            panic = %panic_message(&*payload),
+            "a background task's value panicked while being dropped"
+        );
     }
 }
 
@@ -334,6 +381,35 @@ impl TaskList {
         std::mem::take(self)
     }
 
+    /// Puts `other`'s tasks behind every task of `self`. It walks `self`,
+    /// which callers keep short.
+    pub(crate) fn concat(&mut self, mut other: TaskList) {
+        let mut items = Vec::with_capacity(self.len);
+        while let Some(job) = self.pop() {
+            items.push(job);
+        }
+        while let Some(job) = items.pop() {
+            other.push(job);
+        }
+        *self = other;
+    }
+
+    /// Keeps the first `at` tasks and returns the others, in order.
+    pub(crate) fn split_off(&mut self, at: usize) -> TaskList {
+        let mut first = Vec::with_capacity(at.min(self.len));
+        while first.len() < at {
+            match self.pop() {
+                Some(job) => first.push(job),
+                None => break,
+            }
+        }
+        let rest = self.take();
+        while let Some(job) = first.pop() {
+            self.push(job);
+        }
+        rest
+    }
+
     /// The same tasks in the opposite order.
     pub(crate) fn reversed(mut self) -> TaskList {
         let mut out = TaskList::default();
@@ -362,7 +438,11 @@ impl TaskList {
 
 impl Drop for TaskList {
     fn drop(&mut self) {
-        while self.pop().is_some() {}
+        // One task at a time (no recursion through the links), each drop
+        // guarded.
+        while let Some(job) = self.pop() {
+            drop_guarded(job);
+        }
     }
 }
 

@@ -1,82 +1,19 @@
-//! [`BackgroundLayer`], its configuration, and [`Execution`].
+//! [`BackgroundLayer`] and its settings.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::runtime::Handle;
-use tokio::sync::Semaphore;
 use tower_layer::Layer;
 
-use crate::handle::Registry;
+use crate::config::{Config, Execution};
+use crate::limit::Limit;
+use crate::registry::Registry;
+use crate::request::Shared;
 use crate::{BackgroundHandle, BackgroundService};
 
-/// How the tasks of one request run relative to each other.
-///
-/// ```
-/// use tower_background::{BackgroundLayer, Execution};
-///
-/// let layer = BackgroundLayer::new().execution(Execution::Concurrent);
-/// # let _ = layer;
-/// ```
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum Execution {
-    /// One after another, in the order they were added, each starting when
-    /// the previous one has ended (however it ended). FastAPI's behaviour.
-    /// All of a request's tasks run on one spawned tokio task.
-    #[default]
-    Sequential,
-    /// All at once: every task of the request starts when the response
-    /// finishes, each on its own tokio task.
-    Concurrent,
-}
-
-/// The settings of a layer, copied into every service it makes.
-#[derive(Debug, Clone)]
-pub(crate) struct Config {
-    pub(crate) execution: Execution,
-    pub(crate) timeout: Option<Duration>,
-    /// The permits of `max_concurrent_tasks`, shared by every clone.
-    pub(crate) limit: Option<Arc<Semaphore>>,
-    /// The number `max_concurrent_tasks` was given, for `Debug`.
-    max_concurrent_tasks: Option<usize>,
-    pub(crate) run_on_abort: bool,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            execution: Execution::Sequential,
-            timeout: None,
-            limit: None,
-            max_concurrent_tasks: None,
-            run_on_abort: true,
-        }
-    }
-}
-
-/// What a service and each of its requests' queues share.
-#[derive(Debug)]
-pub(crate) struct Shared {
-    pub(crate) config: Config,
-    pub(crate) registry: Arc<Registry>,
-    /// The runtime that served the first request: where tasks that were
-    /// added and finished off any runtime run. Set once, so a request pays a
-    /// load, not a reference count, for it.
-    pub(crate) runtime: OnceLock<Handle>,
-}
-
-impl Shared {
-    /// Remembers the current runtime the first time a request arrives on one.
-    #[inline]
-    pub(crate) fn note_runtime(&self) {
-        if self.runtime.get().is_none() {
-            if let Ok(handle) = Handle::try_current() {
-                let _ = self.runtime.set(handle);
-            }
-        }
-    }
-}
+/// The largest limit `max_concurrent_tasks` takes as a limit; from there on
+/// it means unlimited.
+const UNLIMITED: usize = usize::MAX >> 3;
 
 /// Layer that applies the [`BackgroundService`] middleware.
 ///
@@ -167,7 +104,7 @@ impl BackgroundLayer {
     /// became ready, and count as [`pending`](crate::Stats::pending). Waiting
     /// costs memory only for the tasks actually waiting.
     ///
-    /// A limit of [`Semaphore::MAX_PERMITS`] or more means unlimited.
+    /// A limit of `usize::MAX >> 3` or more means unlimited.
     ///
     /// # Panics
     ///
@@ -185,9 +122,7 @@ impl BackgroundLayer {
             "BackgroundLayer::max_concurrent_tasks: the limit must be at least 1 \
              (0 would never run a task); for no limit, do not call max_concurrent_tasks"
         );
-        self.config.limit =
-            (limit < Semaphore::MAX_PERMITS).then(|| Arc::new(Semaphore::new(limit)));
-        self.config.max_concurrent_tasks = Some(limit);
+        self.config.limit = (limit < UNLIMITED).then(|| Arc::new(Limit::new(limit)));
         self
     }
 
@@ -225,21 +160,26 @@ impl BackgroundLayer {
     pub fn handle(&self) -> BackgroundHandle {
         BackgroundHandle::new(Arc::clone(&self.registry))
     }
-
-    pub(crate) fn shared(&self) -> Arc<Shared> {
-        Arc::new(Shared {
-            config: self.config.clone(),
-            registry: Arc::clone(&self.registry),
-            runtime: OnceLock::new(),
-        })
-    }
 }
 
 impl<S> Layer<S> for BackgroundLayer {
     type Service = BackgroundService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        BackgroundService::from_shared(inner, self.shared())
+        let shared = Shared::new(self.config.clone(), Arc::clone(&self.registry));
+        BackgroundService::from_shared(inner, shared)
+    }
+}
+
+impl<S> BackgroundService<S> {
+    /// A [`BackgroundLayer`] with the default settings.
+    ///
+    /// ```
+    /// let layer = tower_background::BackgroundService::<()>::layer();
+    /// # let _ = layer;
+    /// ```
+    pub fn layer() -> BackgroundLayer {
+        BackgroundLayer::new()
     }
 }
 
@@ -248,7 +188,10 @@ impl std::fmt::Debug for BackgroundLayer {
         f.debug_struct("BackgroundLayer")
             .field("execution", &self.config.execution)
             .field("task_timeout", &self.config.timeout)
-            .field("max_concurrent_tasks", &self.config.max_concurrent_tasks)
+            .field(
+                "max_concurrent_tasks",
+                &self.config.limit.as_ref().map(|limit| limit.max()),
+            )
             .field("run_on_abort", &self.config.run_on_abort)
             .field("stats", &self.handle().stats())
             .finish()

@@ -145,26 +145,35 @@
 #![deny(missing_docs)]
 #![warn(missing_debug_implementations, unreachable_pub, rust_2018_idioms)]
 
+// Dependencies run one way, from the bottom of this list to the top:
+// `lib` ← `extract`, `layer` ← `service` ← `tasks`, `body` ← `request`
+// (a request's tasks from added to ended) ← `job`, `limit`, `registry`,
+// `config`, `completion`, `sync`; `handle` ← `registry`.
 mod body;
 mod completion;
+mod config;
 #[cfg(feature = "axum")]
 mod extract;
 mod handle;
 mod job;
 mod layer;
-mod runner;
+mod limit;
+mod registry;
+mod request;
 mod service;
 mod sync;
 mod tasks;
 
 pub use body::BackgroundBody;
 pub use completion::{Completion, Outcome};
+pub use config::Execution;
 #[cfg(feature = "axum")]
 #[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
 pub use extract::MissingBackgroundLayer;
-pub use handle::{BackgroundHandle, ShutdownReport, Stats};
+pub use handle::{BackgroundHandle, ShutdownReport};
 pub use job::TaskOutput;
-pub use layer::{BackgroundLayer, Execution};
+pub use layer::BackgroundLayer;
+pub use registry::Stats;
 pub use service::{BackgroundService, ResponseFuture};
 pub use tasks::BackgroundTasks;
 

@@ -10,9 +10,9 @@ use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use crate::body::BackgroundBody;
-use crate::layer::Shared;
-use crate::tasks::{NoResponse, RequestQueue};
-use crate::{BackgroundHandle, BackgroundLayer, BackgroundTasks};
+use crate::config::Config;
+use crate::request::{NoResponse, RequestQueue, Shared};
+use crate::{BackgroundHandle, BackgroundTasks};
 
 /// Middleware that gives every request a [`BackgroundTasks`] queue and runs
 /// the queued tasks once the response body has finished.
@@ -56,21 +56,11 @@ impl<S> BackgroundService<S> {
     /// # let _ = svc;
     /// ```
     pub fn new(inner: S) -> Self {
-        Self::from_shared(inner, BackgroundLayer::new().shared())
+        Self::from_shared(inner, Shared::new(Config::default(), Arc::default()))
     }
 
     pub(crate) fn from_shared(inner: S, shared: Arc<Shared>) -> Self {
         Self { inner, shared }
-    }
-
-    /// A [`BackgroundLayer`] with the default settings.
-    ///
-    /// ```
-    /// let layer = tower_background::BackgroundService::<()>::layer();
-    /// # let _ = layer;
-    /// ```
-    pub fn layer() -> BackgroundLayer {
-        BackgroundLayer::new()
     }
 
     /// A handle on this service's tasks (shared with the layer that made it).
@@ -134,11 +124,13 @@ where
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
         self.shared.note_runtime();
         let queue = Arc::new(RequestQueue::new(Arc::clone(&self.shared), &req));
+        let head = req.method() == http::Method::HEAD;
         req.extensions_mut()
             .insert(BackgroundTasks::new(Arc::clone(&queue)));
         ResponseFuture {
             inner: self.inner.call(req),
             guard: DiscardOnDrop(Some(queue)),
+            head,
         }
     }
 }
@@ -162,6 +154,7 @@ pin_project! {
         #[pin]
         inner: F,
         guard: DiscardOnDrop,
+        head: bool,
     }
 }
 
@@ -177,7 +170,7 @@ where
         let result = ready!(this.inner.poll(cx));
         let queue = this.guard.0.take();
         Poll::Ready(match result {
-            Ok(res) => Ok(BackgroundBody::wrap(res, queue)),
+            Ok(res) => Ok(BackgroundBody::wrap(res, queue, *this.head)),
             Err(e) => {
                 if let Some(queue) = queue {
                     queue.discard(NoResponse::ServiceError);

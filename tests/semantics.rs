@@ -58,13 +58,15 @@ async fn s1_tasks_wait_for_the_end_of_a_streaming_body() {
     assert_eq!(handle.stats().completed, 1);
 }
 
-#[tokio::test]
-async fn s1_end_of_stream_after_a_frame_starts_tasks_without_a_final_poll() {
+#[tokio::test(start_paused = true)]
+async fn s1_end_of_stream_after_a_frame_starts_tasks_when_the_server_drops_the_body() {
     // hyper stops polling a body that reports `is_end_stream` after its last
-    // frame; the tasks must start all the same, while the body is alive.
+    // frame, and drops it right after writing that frame. The tasks start
+    // then, not inside the poll that hands the frame over (that poll would
+    // race the server's write of the frame).
     let layer = BackgroundLayer::new();
     let handle = layer.handle();
-    let (done_tx, done_rx) = oneshot::channel();
+    let (done_tx, mut done_rx) = oneshot::channel();
     let mut res = call(&layer, full("whole"), move |t| {
         t.add_with(move |c: Completion| async move {
             let _ = done_tx.send(c.outcome());
@@ -74,15 +76,39 @@ async fn s1_end_of_stream_after_a_frame_starts_tasks_without_a_final_poll() {
     let frame = res.body_mut().frame().await.unwrap().unwrap();
     assert_eq!(frame.into_data().unwrap(), "whole");
     assert!(http_body::Body::is_end_stream(res.body()));
+    settle().await;
+    assert!(
+        done_rx.try_recv().is_err(),
+        "a task started inside the poll that yielded the last frame"
+    );
+    assert_eq!(handle.stats().pending, 1);
+    drop(res);
     assert_eq!(within("task", done_rx).await.unwrap(), Outcome::Finished);
     within("idle", handle.wait_idle()).await;
-    drop(res); // dropping the finished body does not run anything twice
     assert_eq!(handle.stats().completed, 1);
     assert_eq!(handle.stats().total(), 1);
 }
 
 #[tokio::test]
-async fn s1_a_body_dropped_unpolled_counts_as_finished_with_no_body() {
+async fn s1_a_body_polled_again_after_its_end_starts_its_tasks() {
+    // A consumer that keeps polling (rather than dropping) lets go too.
+    let layer = BackgroundLayer::new();
+    let (done_tx, done_rx) = oneshot::channel();
+    let mut res = call(&layer, full("whole"), move |t| {
+        t.add_with(move |c: Completion| async move {
+            let _ = done_tx.send(c.outcome());
+        })
+    })
+    .await;
+    res.body_mut().frame().await.unwrap().unwrap();
+    assert!(res.body_mut().frame().await.is_none());
+    assert_eq!(within("task", done_rx).await.unwrap(), Outcome::Finished);
+}
+
+#[tokio::test]
+async fn s1_a_body_with_bytes_to_send_dropped_unpolled_is_aborted() {
+    // The server never sent it: a client that reset its stream right after
+    // the headers (HTTP/2), or a timeout outside the layer.
     let layer = BackgroundLayer::new();
     let handle = layer.handle();
     let log = Log::default();
@@ -95,13 +121,76 @@ async fn s1_a_body_dropped_unpolled_counts_as_finished_with_no_body() {
         });
     })
     .await;
-    drop(res); // HEAD, 204, 304: servers drop the body without polling
+    drop(res);
     let completion = within("completion", rx).await.unwrap();
-    assert_eq!(completion.outcome(), Outcome::NoBody);
+    assert_eq!(completion.outcome(), Outcome::Aborted);
     assert_eq!(completion.status(), StatusCode::OK);
     within("idle", handle.wait_idle()).await;
-    assert_eq!(log.get(), ["plain"]);
+    assert_eq!(log.get(), ["plain"], "run_on_abort is true by default");
     assert_eq!(handle.stats().completed, 2);
+}
+
+#[tokio::test]
+async fn s1_a_body_with_bytes_to_send_dropped_unpolled_is_discarded_without_run_on_abort() {
+    let layer = BackgroundLayer::new().run_on_abort(false);
+    let handle = layer.handle();
+    let log = Log::default();
+    let task = log.task("plain");
+    let res = call(&layer, full("never read"), move |t| t.add(task)).await;
+    drop(res);
+    within("idle", handle.wait_idle()).await;
+    assert!(log.get().is_empty());
+    assert_eq!(handle.stats().discarded, 1);
+}
+
+/// The responses that have nothing to send, which servers drop unpolled.
+async fn outcome_of_unpolled(method: http::Method, res: Response<Full<Bytes>>) -> Outcome {
+    let layer = BackgroundLayer::new().run_on_abort(false);
+    let (tx, rx) = oneshot::channel();
+    let slot = Mutex::new(Some((res, tx)));
+    let svc = layer.layer(service_fn(move |req: Request<()>| {
+        let (res, tx) = slot.lock().unwrap().take().expect("called once");
+        req.extensions().get::<BackgroundTasks>().unwrap().add_with(
+            move |c: Completion| async move {
+                let _ = tx.send(c.outcome());
+            },
+        );
+        std::future::ready(Ok::<_, Infallible>(res))
+    }));
+    let mut req = Request::new(());
+    *req.method_mut() = method;
+    drop(svc.oneshot(req).await.unwrap());
+    within("task", rx).await.unwrap()
+}
+
+#[tokio::test]
+async fn s1_a_response_with_nothing_to_send_dropped_unpolled_has_no_body() {
+    use http::Method;
+    let status = |code: u16| {
+        let mut res = full("ignored by the server");
+        *res.status_mut() = StatusCode::from_u16(code).unwrap();
+        res
+    };
+    assert_eq!(
+        outcome_of_unpolled(Method::HEAD, full("length only")).await,
+        Outcome::NoBody
+    );
+    for code in [204, 304, 101] {
+        assert_eq!(
+            outcome_of_unpolled(Method::GET, status(code)).await,
+            Outcome::NoBody,
+            "{code}"
+        );
+    }
+    assert_eq!(
+        outcome_of_unpolled(Method::GET, Response::new(Full::default())).await,
+        Outcome::NoBody,
+        "size exactly 0"
+    );
+    assert_eq!(
+        outcome_of_unpolled(Method::GET, full("bytes")).await,
+        Outcome::Aborted
+    );
 }
 
 #[tokio::test]
@@ -144,6 +233,7 @@ async fn s1_a_trailers_frame_ends_the_body() {
     res.body_mut().frame().await.unwrap().unwrap();
     let frame = res.body_mut().frame().await.unwrap().unwrap();
     assert!(frame.is_trailers());
+    drop(res); // what the server does after the last frame
     assert_eq!(within("task", done_rx).await.unwrap(), Outcome::Finished);
     drop(tx);
 }

@@ -1,0 +1,786 @@
+//! A request's background tasks, from the moment they are added to the
+//! bucket they end in: the request's phase word, its list of tasks, the
+//! drain protocol, and the [`Runner`] that runs them.
+//!
+//! ```text
+//!  add ──▶ waiting ──(body ended)──▶ runner ──▶ running ──▶ completed | failed
+//!   │        │  (late add: joins the     │ (permit: FIFO        │       panicked | timed_out
+//!   │        │   waiting list, started   │  of the layer)       │
+//!   │        │   at once)                │                      └─(shutdown)──▶ cancelled
+//!   │        ├─(no response)──────────────┼──────────────────────────────────▶ discarded
+//!   │        ├─(aborted, run_on_abort(false), plain tasks)────────────────────▶ discarded
+//!   │        └─(shutdown, runtime gone)──┴───────────────────────────────────▶ cancelled
+//!   └─(layer closed)──────────────────────────────────────────────────────────▶ cancelled
+//! ```
+//!
+//! The request's **phase** is one atomic word: `Open` while the response is
+//! being produced and sent, then `Started(completion)` once the body ended
+//! (its tasks run), or `Discarded` if there is no response (its tasks never
+//! run). The word also records whether a task was ever added, so a request
+//! that adds none ends with one atomic operation: no lock, no spawn.
+//!
+//! The **drain token** (`QueueState::drainer`) says who takes the request's
+//! next tasks: at most one [`Runner`], or the request's entry in the layer's
+//! FIFO of requests waiting for a permit. Whoever ends the body or adds a
+//! late task while nobody holds the token takes it and spawns a runner.
+//!
+//! A **runner** is the spawned future: it polls one task at a time inside
+//! its span, under `catch_unwind`, against its timeout and the layer's close,
+//! records how it ended, and goes on with the request's next task
+//! ([`Execution::Sequential`]), or hands the token to a new runner before it
+//! runs its own task ([`Execution::Concurrent`]). A request with one task is
+//! one spawned future of a few words next to the task's own allocation.
+
+use std::cell::{Cell, RefCell};
+use std::fmt;
+use std::future::Future;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock, PoisonError};
+use std::task::{Context, Poll, Waker};
+
+use http::{Method, StatusCode, Uri};
+use tokio::runtime::Handle;
+use tokio::time::{Instant, Sleep};
+use tracing::Span;
+
+use crate::config::{Config, Execution};
+use crate::job::{drop_guarded, panic_message, Ending, Job, Start, TaskList};
+use crate::limit::{Acquired, Parked};
+use crate::registry::{Bucket, Registry};
+use crate::sync::{AtomicU32, AtomicUsize, Mutex, MutexGuard};
+use crate::{Completion, Outcome};
+
+/// How many tasks a runner starts in one poll before it yields to the
+/// scheduler, so that a request with many ready tasks (or a task that keeps
+/// adding tasks) cannot hold a worker.
+const TASKS_PER_POLL: usize = 16;
+
+/// What a service and each of its requests share.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    pub(crate) registry: Arc<Registry>,
+    /// The runtime that served the service's first request: where tasks that
+    /// were added and finished off any runtime run. Set once, so a request
+    /// pays a load, not a reference count, for it.
+    pub(crate) runtime: OnceLock<Handle>,
+}
+
+impl Shared {
+    pub(crate) fn new(config: Config, registry: Arc<Registry>) -> Arc<Self> {
+        Arc::new(Self {
+            config,
+            registry,
+            runtime: OnceLock::new(),
+        })
+    }
+
+    /// Remembers the current runtime the first time a request arrives on one.
+    #[inline]
+    pub(crate) fn note_runtime(&self) {
+        if self.runtime.get().is_none() {
+            if let Ok(handle) = Handle::try_current() {
+                let _ = self.runtime.set(handle);
+            }
+        }
+    }
+
+    /// Gives a permit back; if a request waits for one, starts it (or, once
+    /// the layer is closed, cancels every waiting request).
+    fn release_permit(&self) {
+        let Some(limit) = &self.config.limit else {
+            return;
+        };
+        while let Some(head) = limit.release() {
+            if self.registry.is_closed() {
+                // Its permit is released again by the next turn.
+                head.cancel();
+            } else {
+                head.resume();
+                return;
+            }
+        }
+    }
+}
+
+/// The phase of a request's queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// The response has not ended: tasks wait.
+    Open,
+    /// The response ended like this: tasks run.
+    Started(Completion),
+    /// There is no response: tasks are discarded.
+    Discarded,
+}
+
+// The phase word: bits 0-1 the phase, bit 2 "a task was added", bits 8-9
+// the outcome and bits 16-31 the status once started.
+const OPEN: u32 = 0;
+const STARTED: u32 = 1;
+const DISCARDED: u32 = 2;
+const PHASE: u32 = 0b11;
+const HAS_TASKS: u32 = 0b100;
+
+fn encode_started(completion: Completion) -> u32 {
+    STARTED | completion.outcome().to_bits() << 8 | u32::from(completion.status().as_u16()) << 16
+}
+
+fn decode(word: u32) -> Phase {
+    match word & PHASE {
+        OPEN => Phase::Open,
+        DISCARDED => Phase::Discarded,
+        _ => {
+            let status = StatusCode::from_u16((word >> 16) as u16)
+                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            Phase::Started(Completion::new(status, Outcome::from_bits(word >> 8)))
+        }
+    }
+}
+
+/// Why a request's tasks were discarded.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum NoResponse {
+    ServiceError,
+    FutureDropped,
+}
+
+impl NoResponse {
+    fn reason(self) -> &'static str {
+        match self {
+            NoResponse::ServiceError => "the inner service returned an error",
+            NoResponse::FutureDropped => {
+                "the response future was dropped before it produced a response"
+            }
+        }
+    }
+}
+
+/// The request's method and path, recorded on its tasks' spans. Boxed, and
+/// only when INFO spans are enabled as the request arrives.
+struct RequestInfo {
+    method: Method,
+    uri: Uri,
+}
+
+/// The shared state of one request's tasks.
+pub(crate) struct RequestQueue {
+    pub(crate) shared: Arc<Shared>,
+    request: Option<Box<RequestInfo>>,
+    phase: AtomicU32,
+    /// Added and not started: what `BackgroundTasks::len` reports.
+    not_started: AtomicUsize,
+    state: Mutex<QueueState>,
+}
+
+#[derive(Debug, Default)]
+struct QueueState {
+    /// Tasks not taken by a runner yet; newest first.
+    waiting: TaskList,
+    /// The drain token is held: by a runner that takes the next tasks, or by
+    /// the request's entry in the FIFO of the layer's limit.
+    drainer: bool,
+}
+
+impl RequestQueue {
+    pub(crate) fn new<B>(shared: Arc<Shared>, req: &http::Request<B>) -> Self {
+        let request = tracing::level_enabled!(tracing::Level::INFO).then(|| {
+            Box::new(RequestInfo {
+                method: req.method().clone(),
+                uri: req.uri().clone(),
+            })
+        });
+        Self {
+            shared,
+            request,
+            phase: AtomicU32::new(OPEN),
+            not_started: AtomicUsize::new(0),
+            state: Mutex::new(QueueState::default()),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The tasks added and not started.
+    pub(crate) fn len(&self) -> usize {
+        self.not_started.load(Ordering::Acquire)
+    }
+
+    /// A description of the phase, for `Debug`.
+    pub(crate) fn phase_name(&self) -> &'static str {
+        match decode(self.phase.load(Ordering::Acquire)) {
+            Phase::Open => "open",
+            Phase::Started(_) => "started",
+            Phase::Discarded => "discarded",
+        }
+    }
+
+    /// The span of a new task: a root that follows from the current span.
+    pub(crate) fn span(&self) -> Span {
+        let span = match &self.request {
+            Some(r) => tracing::info_span!(
+                parent: None,
+                "background_task",
+                method = %r.method,
+                path = r.uri.path(),
+            ),
+            None => tracing::info_span!(
+                parent: None,
+                "background_task",
+                method = tracing::field::Empty,
+                path = tracing::field::Empty,
+            ),
+        };
+        if !span.is_disabled() {
+            span.follows_from(Span::current());
+        }
+        span
+    }
+
+    /// Adds a task: it waits for the response, or starts now if the response
+    /// has already ended (a late add).
+    pub(crate) fn add(self: &Arc<Self>, job: Box<dyn Job>) {
+        let registry = &self.shared.registry;
+        let mut state = self.lock();
+        // The linearization point against `finish` and `discard`: whoever
+        // comes second sees the other's bit.
+        let phase = decode(self.phase.fetch_or(HAS_TASKS, Ordering::AcqRel));
+        if phase == Phase::Discarded {
+            drop(state);
+            if registry.admit() {
+                registry.end_unstarted(1, Bucket::Discarded);
+            }
+            job.span().in_scope(|| {
+                tracing::warn!(
+                    "background task added after its request was discarded; discarding it"
+                )
+            });
+            drop_guarded(job);
+            return;
+        }
+        if !registry.admit() {
+            drop(state);
+            job.span()
+                .in_scope(|| tracing::warn!("background task added after shutdown; cancelling it"));
+            drop_guarded(job);
+            return;
+        }
+        self.not_started.fetch_add(1, Ordering::AcqRel);
+        state.waiting.push(job);
+        if let Phase::Started(completion) = phase {
+            self.dispatch(state, completion);
+        }
+    }
+
+    /// The response body ended (or was dropped) as `completion` says.
+    pub(crate) fn finish(self: &Arc<Self>, completion: Completion) {
+        let word = self
+            .phase
+            .fetch_or(encode_started(completion), Ordering::AcqRel);
+        debug_assert_eq!(word & PHASE, OPEN, "a request finishes once");
+        if word & HAS_TASKS != 0 {
+            self.dispatch(self.lock(), completion);
+        }
+    }
+
+    /// There will be no response: discard every task.
+    pub(crate) fn discard(&self, why: NoResponse) {
+        let word = self.phase.fetch_or(DISCARDED, Ordering::AcqRel);
+        debug_assert_eq!(word & PHASE, OPEN, "a request finishes once");
+        if word & HAS_TASKS == 0 {
+            return;
+        }
+        let waiting = self.lock().waiting.take();
+        let n = self.forget(waiting, Ending::Discarded);
+        if n > 0 {
+            tracing::warn!(
+                tasks = n,
+                reason = why.reason(),
+                "discarding background tasks: the request produced no response"
+            );
+        }
+    }
+
+    /// Counts tasks that will never start in `bucket` and drops them.
+    fn forget(&self, tasks: TaskList, ending: Ending) -> usize {
+        let n = tasks.len();
+        if n > 0 {
+            self.not_started.fetch_sub(n, Ordering::AcqRel);
+            self.shared
+                .registry
+                .end_unstarted(n as u64, ending.bucket());
+            drop(tasks); // each drop guarded
+        }
+        n
+    }
+
+    /// With the response ended, decides what runs now, and starts it once
+    /// the request's lock is released.
+    fn dispatch(self: &Arc<Self>, mut state: MutexGuard<'_, QueueState>, completion: Completion) {
+        let config = &self.shared.config;
+        let registry = &self.shared.registry;
+        if registry.is_closed() {
+            let waiting = state.waiting.take();
+            drop(state);
+            self.forget(waiting, Ending::Cancelled);
+            return;
+        }
+        let dropped = if !config.run_on_abort && !completion.outcome().is_delivered() {
+            state.waiting.split_off_plain()
+        } else {
+            TaskList::default()
+        };
+        let mut batch = None;
+        if !state.waiting.is_empty() && !state.drainer {
+            state.drainer = true;
+            batch = Some(state.waiting.take().reversed());
+        }
+        drop(state);
+        self.discard_on_abort(dropped);
+        if let Some(batch) = batch {
+            let mut runner = Runner::new(self.clone(), completion, batch, 0);
+            // Permits are taken now, in the order requests end, not when the
+            // runner is first polled.
+            if runner.reserve() {
+                spawn(&self.shared, runner);
+            }
+        }
+    }
+
+    fn discard_on_abort(&self, dropped: TaskList) {
+        let n = self.forget(dropped, Ending::Discarded);
+        if n > 0 {
+            tracing::warn!(
+                tasks = n,
+                "discarding background tasks: the response was aborted and run_on_abort is false"
+            );
+        }
+    }
+
+    fn completion(&self) -> Completion {
+        match decode(self.phase.load(Ordering::Acquire)) {
+            Phase::Started(completion) => completion,
+            // Only started requests wait for a permit.
+            _ => Completion::new(StatusCode::INTERNAL_SERVER_ERROR, Outcome::Aborted),
+        }
+    }
+}
+
+impl Parked for RequestQueue {
+    fn resume(self: Arc<Self>) {
+        let batch = self.lock().waiting.take().reversed();
+        let completion = self.completion();
+        let shared = Arc::clone(&self.shared);
+        let mut runner = Runner::new(self, completion, batch, 1);
+        if runner.reserve() {
+            spawn(&shared, runner);
+        }
+    }
+
+    fn cancel(self: Arc<Self>) {
+        let mut state = self.lock();
+        let waiting = state.waiting.take();
+        state.drainer = false;
+        drop(state);
+        self.forget(waiting, Ending::Cancelled);
+    }
+}
+
+impl Drop for RequestQueue {
+    fn drop(&mut self) {
+        // Only reachable with tasks left if a runtime dropped a runner before
+        // it took them: count them, never lose them silently.
+        let state = self.state.get_mut().unwrap_or_else(PoisonError::into_inner);
+        let waiting = state.waiting.take();
+        self.forget(waiting, Ending::Cancelled);
+    }
+}
+
+impl fmt::Debug for RequestQueue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RequestQueue")
+            .field("phase", &self.phase_name())
+            .field("len", &self.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The spawned future that runs a request's tasks.
+///
+/// If it is dropped before it is done (the runtime shut down, or there was
+/// no runtime to spawn it on), its `Drop` counts what it still held as
+/// cancelled and gives back its permit: no task vanishes uncounted.
+pub(crate) struct Runner {
+    queue: Arc<RequestQueue>,
+    /// What a task receives when it starts.
+    start: Start,
+    /// Taken from the request and not started, oldest first.
+    batch: TaskList,
+    /// The task being run.
+    current: Option<Pin<Box<dyn Job>>>,
+    /// Holds the request's drain token: takes its next tasks.
+    drains: bool,
+    /// Permits of the layer's limit it holds: one for the task it runs, and,
+    /// with concurrent execution, one for each task of its batch.
+    permits: usize,
+    /// Registered to be woken by the close: the key and the waker.
+    wakeup: Option<(usize, Waker)>,
+    /// The current task's deadline, with a `task_timeout`: allocated once per
+    /// runner and reset for each task.
+    deadline: Option<Pin<Box<Sleep>>>,
+}
+
+impl Runner {
+    fn new(
+        queue: Arc<RequestQueue>,
+        completion: Completion,
+        batch: TaskList,
+        permits: usize,
+    ) -> Self {
+        Self {
+            queue,
+            start: Start {
+                completion,
+                permit: None,
+            },
+            batch,
+            current: None,
+            drains: true,
+            permits,
+            wakeup: None,
+            deadline: None,
+        }
+    }
+
+    /// Starts the next task, if there is one and the runner gets a permit
+    /// for it. `false`: the runner is done.
+    fn start_next(&mut self) -> bool {
+        if self.batch.is_empty() {
+            if !self.drains {
+                return false;
+            }
+            let mut state = self.queue.lock();
+            if state.waiting.is_empty() {
+                // Retire: a later add spawns a new runner.
+                state.drainer = false;
+                self.drains = false;
+                return false;
+            }
+            self.batch = state.waiting.take().reversed();
+        }
+        if self.queue.shared.registry.is_closed() {
+            return false; // `Drop` counts what is left
+        }
+        if !self.reserve() {
+            return false;
+        }
+        let Some(job) = self.batch.pop() else {
+            return false;
+        };
+        self.queue.not_started.fetch_sub(1, Ordering::AcqRel);
+        if !self.queue.shared.registry.start() {
+            // Closed since the check above: the close counted it.
+            self.queue.shared.registry.leave(1);
+            drop_guarded(job);
+            return false;
+        }
+        if self.queue.shared.config.execution == Execution::Concurrent {
+            self.hand_over_drain();
+        }
+        let shared = &*self.queue.shared;
+        if job.is_blocking() && self.permits > 0 {
+            // The closure keeps the permit until it really returns.
+            self.permits -= 1;
+            self.start.permit = Some(Box::new(PermitGuard(Arc::clone(&self.queue.shared))));
+        }
+        if let Some(timeout) = shared.config.timeout {
+            let at = Instant::now() + timeout;
+            match &mut self.deadline {
+                Some(deadline) => deadline.as_mut().reset(at),
+                None => self.deadline = Some(Box::pin(tokio::time::sleep_until(at))),
+            }
+        }
+        self.current = Some(Box::into_pin(job));
+        true
+    }
+
+    /// Takes the permits the batch needs: one for the next task, or with
+    /// concurrent execution one for each task. The tasks that get none go
+    /// back to the request, which waits in the layer's FIFO holding the drain
+    /// token. Returns `false` if not even the next task got a permit.
+    fn reserve(&mut self) -> bool {
+        let Some(limit) = &self.queue.shared.config.limit else {
+            return true;
+        };
+        let concurrent = self.queue.shared.config.execution == Execution::Concurrent;
+        loop {
+            let wanted = if concurrent { self.batch.len() } else { 1 };
+            if self.permits >= wanted {
+                return true;
+            }
+            if limit.try_acquire() {
+                self.permits += 1;
+                continue;
+            }
+            // Hand the tasks without a permit back first, in order, so that
+            // a resume of the request finds them.
+            let mut state = self.queue.lock();
+            let rest = self.batch.split_off(self.permits);
+            state.waiting.concat(rest.reversed());
+            // Served in part: the rest keeps the request's place at the head.
+            let front = self.permits > 0;
+            match limit.acquire_or_park(|| self.queue.clone(), front) {
+                Acquired::Permit => {
+                    self.permits += 1;
+                    self.batch.concat(state.waiting.take().reversed());
+                }
+                Acquired::Parked => {
+                    self.drains = false;
+                    return self.permits > 0;
+                }
+            }
+        }
+    }
+
+    /// Concurrent execution: a new runner takes the request's other tasks
+    /// (and its late adds) while this one runs its own.
+    fn hand_over_drain(&mut self) {
+        let rest = if !self.batch.is_empty() {
+            self.batch.take()
+        } else if self.drains {
+            let mut state = self.queue.lock();
+            if state.waiting.is_empty() {
+                state.drainer = false;
+                self.drains = false;
+                return;
+            }
+            state.waiting.take().reversed()
+        } else {
+            return;
+        };
+        // It takes the permits reserved for its tasks (all but ours) and the
+        // drain token, if we hold it.
+        let permits = self.permits.saturating_sub(1);
+        self.permits -= permits;
+        let completion = self.start.completion;
+        let mut successor = Runner::new(Arc::clone(&self.queue), completion, rest, permits);
+        successor.drains = std::mem::take(&mut self.drains);
+        if successor.reserve() {
+            spawn(&self.queue.shared, successor);
+        }
+    }
+
+    /// Polls the current task once, and says how it ended if it did.
+    fn poll_current(&mut self, cx: &mut Context<'_>) -> Poll<Ending> {
+        let Some(job) = &mut self.current else {
+            return Poll::Pending;
+        };
+        let start = &mut self.start;
+        match catch_unwind(AssertUnwindSafe(|| job.as_mut().poll_run(cx, start))) {
+            Ok(Poll::Ready(ending)) => return Poll::Ready(ending),
+            Ok(Poll::Pending) => {}
+            Err(payload) => return Poll::Ready(Ending::Panicked(panic_message(&*payload))),
+        }
+        if let Some(deadline) = &mut self.deadline {
+            if deadline.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ending::TimedOut);
+            }
+        }
+        // Register once per runner (again only if the task moved to another
+        // waker), then check: a close after the registration wakes us.
+        let registry = &self.queue.shared.registry;
+        match &mut self.wakeup {
+            None => self.wakeup = Some((registry.register(cx.waker()), cx.waker().clone())),
+            Some((key, waker)) if !waker.will_wake(cx.waker()) => {
+                registry.reregister(*key, cx.waker());
+                *waker = cx.waker().clone();
+            }
+            Some(_) => {}
+        }
+        if registry.is_closed() {
+            return Poll::Ready(Ending::Cancelled);
+        }
+        Poll::Pending
+    }
+
+    /// Counts and logs how the current task ended, drops it, and gives up
+    /// the permit if another request waits for one.
+    fn end_current(&mut self, ending: Ending) {
+        let Some(job) = self.current.take() else {
+            return;
+        };
+        let shared = &*self.queue.shared;
+        let counted = shared.registry.end(ending.bucket());
+        log(&*job, ending, counted, shared.config.timeout);
+        drop_guarded(job);
+        let waiters = shared
+            .config
+            .limit
+            .as_ref()
+            .is_some_and(|l| l.has_waiters());
+        if self.permits > 0 && waiters {
+            // Another request waits: let it go first.
+            self.permits -= 1;
+            shared.release_permit();
+        }
+    }
+}
+
+impl Future for Runner {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = &mut *self;
+        let mut started = 0;
+        loop {
+            if this.current.is_some() {
+                let ending = std::task::ready!(this.poll_current(cx));
+                this.end_current(ending);
+            }
+            if started == TASKS_PER_POLL {
+                // Let the worker serve others; we are polled again soon.
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            if !this.start_next() {
+                return Poll::Ready(());
+            }
+            started += 1;
+        }
+    }
+}
+
+impl Drop for Runner {
+    fn drop(&mut self) {
+        let shared = &*self.queue.shared;
+        if let Some((key, _)) = self.wakeup.take() {
+            shared.registry.deregister(key);
+        }
+        if let Some(job) = self.current.take() {
+            // The runtime went away with the task in hand (or the layer closed).
+            let counted = shared.registry.end(Bucket::Cancelled);
+            if counted {
+                job.span().in_scope(|| {
+                    tracing::warn!("background task cancelled: the tokio runtime went away")
+                });
+            }
+            drop_guarded(job);
+        }
+        let mut left = self.batch.take();
+        if self.drains {
+            let mut state = self.queue.lock();
+            state.drainer = false;
+            left.concat(state.waiting.take());
+        }
+        let n = left.len();
+        if n > 0 {
+            self.queue.not_started.fetch_sub(n, Ordering::AcqRel);
+            let counted = shared.registry.end_unstarted(n as u64, Bucket::Cancelled);
+            drop(left);
+            if counted {
+                tracing::warn!(
+                    tasks = n,
+                    "background tasks cancelled: the tokio runtime went away before they ran"
+                );
+            }
+        }
+        for _ in 0..self.permits {
+            shared.release_permit();
+        }
+    }
+}
+
+/// A permit taken along by a blocking closure.
+struct PermitGuard(Arc<Shared>);
+
+impl Drop for PermitGuard {
+    fn drop(&mut self) {
+        self.0.release_permit();
+    }
+}
+
+/// Logs how a task ended, inside its span. `counted` is false when the
+/// layer's close had already counted it as cancelled.
+fn log(job: &dyn Job, ending: Ending, counted: bool, timeout: Option<std::time::Duration>) {
+    // The common case logs at DEBUG: skip entering the span when that is off.
+    if (matches!(ending, Ending::Completed) || !counted)
+        && !tracing::level_enabled!(tracing::Level::DEBUG)
+    {
+        return;
+    }
+    job.span().in_scope(|| match ending {
+        _ if !counted => tracing::debug!("background task ended after the shutdown cancelled it"),
+        Ending::Completed => tracing::debug!("background task completed"),
+        Ending::Failed(error) => tracing::error!(error = %error, "background task failed"),
+        Ending::Panicked(panic) => tracing::error!(panic = %panic, "background task panicked"),
+        Ending::TimedOut => {
+            let timeout_ms = timeout.map_or(0, |t| t.as_millis() as u64);
+            tracing::warn!(timeout_ms, "background task timed out and was abandoned")
+        }
+        Ending::Cancelled => {
+            tracing::warn!("background task cancelled: the runtime is shutting down")
+        }
+        Ending::Discarded => tracing::warn!("background task discarded"),
+    });
+}
+
+std::thread_local! {
+    /// Set while this thread spawns a runner: a runner dropped inside that
+    /// spawn (the runtime is shutting down) may release a permit and start
+    /// the next waiting request; that spawn is deferred to the outer loop
+    /// instead of recursing once per waiting request.
+    static SPAWNING: Cell<bool> = const { Cell::new(false) };
+    static DEFERRED: RefCell<Vec<(Arc<Shared>, Runner)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Spawns a runner on the current runtime: the one serving the request,
+/// where its body ends and its handler adds tasks. Off any runtime, on the
+/// runtime that served the service's first request.
+fn spawn(shared: &Arc<Shared>, runner: Runner) {
+    #[cfg(tower_background_loom)]
+    {
+        let _ = shared;
+        drop(loom::thread::spawn(move || loom::future::block_on(runner)));
+    }
+    #[cfg(not(tower_background_loom))]
+    {
+        if SPAWNING.get() {
+            DEFERRED.with_borrow_mut(|deferred| deferred.push((Arc::clone(shared), runner)));
+            return;
+        }
+        SPAWNING.set(true);
+        spawn_now(shared, runner);
+        while let Some((shared, runner)) = DEFERRED.with_borrow_mut(Vec::pop) {
+            spawn_now(&shared, runner);
+        }
+        SPAWNING.set(false);
+    }
+}
+
+#[cfg(not(tower_background_loom))]
+fn spawn_now(shared: &Shared, runner: Runner) {
+    // Inside a tokio task the runtime context is current: `tokio::spawn`
+    // uses it without touching the runtime handle's shared count.
+    if tokio::task::try_id().is_some() {
+        drop(tokio::spawn(runner));
+        return;
+    }
+    match Handle::try_current()
+        .ok()
+        .or_else(|| shared.runtime.get().cloned())
+    {
+        Some(runtime) => drop(runtime.spawn(runner)),
+        None => {
+            tracing::error!(
+                "no tokio runtime to run background tasks on: serve the request from \
+                 within a tokio runtime; cancelling them"
+            );
+            // Dropping a runner counts its tasks as cancelled.
+            drop(runner);
+        }
+    }
+}
