@@ -136,10 +136,19 @@ where
             .idempotency_key(&key)
             .max_attempts(MAX_ATTEMPTS)
             .build();
-        storage.push_task(task).await.map_err(|error| {
-            tracing::error!(%key, %error, "push failed: the job is not enqueued");
-            format!("push of {key} failed: {error}")
-        })
+        match storage.push_task(task).await {
+            Ok(()) => {
+                tracing::info!(%key, "job enqueued");
+                Ok(())
+            }
+            // Most often the job is not in the store. If the connection was
+            // lost after the store took the job and before its answer came
+            // back, it is: this push cannot tell.
+            Err(error) => {
+                tracing::error!(%key, %error, "push failed: the job is not enqueued");
+                Err(format!("push of {key} failed: {error}"))
+            }
+        }
     });
 }
 
@@ -258,6 +267,10 @@ impl Default for QueueConfig {
         }
     }
 }
+
+/// How long Redis remembers a pushed job's idempotency key: a second push of
+/// the same key within this time is ignored.
+pub const REDIS_IDEMPOTENCY_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// A connection to the job store: builds the apalis storage and the mail
 /// server's log on it.
@@ -382,9 +395,12 @@ impl Store {
             Conn::Sqlite(pool) => Invoices::Sqlite(
                 SqliteStorage::new(pool).with_config(configure!(apalis_sqlite::Config)),
             ),
-            Conn::Redis(conn) => Invoices::Redis(
-                RedisStorage::new(conn.clone()).with_config(configure!(apalis_redis::Config)),
-            ),
+            Conn::Redis(conn) => Invoices::Redis(RedisStorage::new(conn.clone()).with_config(
+                // apalis-redis 1.0 remembers an idempotency key only with a
+                // TTL: without one (the default) it sets the key to expire at
+                // once, and a second push of the same key is stored again.
+                configure!(apalis_redis::Config).idempotency_ttl(Some(REDIS_IDEMPOTENCY_TTL)),
+            )),
             Conn::Postgres(pool) => Invoices::Postgres(
                 PostgresStorage::new(pool).with_config(configure!(apalis_postgres::Config)),
             ),

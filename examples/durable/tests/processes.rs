@@ -702,9 +702,18 @@ async fn backend_lost_while_serving(backend: Backend) {
             .send()
     };
     assert_eq!(post("before").await.unwrap().status(), StatusCode::CREATED);
-    // The first job reaches the store.
+    // The first push has been answered (the server has the job and the web
+    // server knows it: cutting before the answer arrives would fail a push
+    // whose job is stored).
     tokio::time::timeout(LIMIT, async {
-        while store.job_counts().await.unwrap().total < 1 {
+        loop {
+            let logs = std::fs::read_to_string(logs.path()).unwrap();
+            if logs
+                .lines()
+                .any(|l| l.contains("job enqueued") && l.contains("key=invoice-before"))
+            {
+                return;
+            }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
@@ -716,13 +725,13 @@ async fn backend_lost_while_serving(backend: Backend) {
     assert_eq!(post("lost").await.unwrap().status(), StatusCode::CREATED);
 
     let (status, lines) = web.terminate().await;
+    let logs = std::fs::read_to_string(logs.path()).unwrap();
     assert!(status.success(), "{status}");
     assert_eq!(
         lines.last().map(String::as_str),
         Some("stopped: 1 after-response tasks completed, 1 failed, 0 cancelled"),
-        "{lines:?}"
+        "{lines:?}\n{logs}"
     );
-    let logs = std::fs::read_to_string(logs.path()).unwrap();
     let failure = logs
         .lines()
         .find(|line| line.contains("push failed"))
@@ -746,4 +755,61 @@ async fn redis_lost_while_serving_fails_the_push_and_logs_its_key() {
 #[ignore = "needs PostgreSQL (DATABASE_URL)"]
 async fn postgres_lost_while_serving_fails_the_push_and_logs_its_key() {
     backend_lost_while_serving(postgres()).await;
+}
+
+// ---------------------------------------------------------------------------
+// The same order twice: one job, one email
+// ---------------------------------------------------------------------------
+
+/// `failed_pushes`: how the backend answers the second push of a key
+/// (Redis and SQLite ignore it, Postgres refuses it: a failed push).
+async fn same_order_twice_is_one_job(target: Target, failed_pushes: u64) {
+    let store = target.store().await;
+    let (web, addr) = Proc::web(&target, &[]).await;
+    let worker = Proc::worker(&target, "w1", &[]).await;
+    let client = reqwest::Client::builder().timeout(LIMIT).build().unwrap();
+    for _ in 0..2 {
+        let res = client
+            .post(format!("http://{addr}/invoices"))
+            .json(&NewInvoice {
+                order: "twice".into(),
+                email: "ada@example.com".into(),
+                amount_cents: 100,
+            })
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::CREATED);
+    }
+    let (status, lines) = web.terminate().await; // every push has been tried
+    assert!(status.success(), "{status}");
+    let expected = format!(
+        "stopped: {} after-response tasks completed, {failed_pushes} failed, 0 cancelled",
+        2 - failed_pushes
+    );
+    assert_eq!(lines.last(), Some(&expected), "{lines:?}");
+    assert_eq!(all_done(&store, 1, LIMIT).await.total, 1);
+    let log = store.journal().deliveries().await.unwrap();
+    let d = delivery(&log, "invoice-twice").unwrap();
+    assert_eq!((d.attempts, d.sends), (1, 1), "{d:?}");
+    let (status, _) = worker.terminate().await;
+    assert!(status.success(), "{status}");
+    store.clear().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_same_order_twice_is_one_job() {
+    same_order_twice_is_one_job(Target::sqlite("sqlite-twice"), 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server (REDIS_URL)"]
+async fn redis_same_order_twice_is_one_job() {
+    same_order_twice_is_one_job(Target::new(redis(), "redis-twice"), 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL (DATABASE_URL)"]
+async fn postgres_same_order_twice_is_one_job() {
+    same_order_twice_is_one_job(Target::new(postgres(), "pg-twice"), 1).await;
 }
