@@ -52,23 +52,35 @@
 //!
 //! # When tasks run
 //!
-//! Tasks queued during a request start when its response body reaches its
-//! end of stream: `poll_frame` returns `None` or a trailers frame (always
-//! the last), or the body reports
-//! [`is_end_stream`](http_body::Body::is_end_stream) after a frame (servers
-//! stop polling a finished body), or the server drops the body once it has
-//! yielded exactly its `Content-Length`. Never before: a streaming body's
-//! tasks wait for its last chunk. A body dropped without ever being polled (HEAD
-//! requests, 204 and 304 responses) counts as finished, with
-//! [`Outcome::NoBody`]. Tasks run on spawned tokio tasks, so they never
-//! delay the response, nor the next request on a keep-alive connection;
-//! [`add_blocking`](BackgroundTasks::add_blocking) runs a synchronous closure
-//! on tokio's blocking pool.
+//! Tasks queued during a request start once its response body has ended
+//! and the server has let go of it. The body ends when `poll_frame` returns
+//! `None`, an error or a trailers frame (always the last), or when the body
+//! reports [`is_end_stream`](http_body::Body::is_end_stream) after a frame
+//! (servers stop polling a finished body), or when the server drops it once
+//! it has yielded exactly its `Content-Length`. The server lets go of it
+//! when it drops it (every hyper-based server does right after writing the
+//! last frame), polls it again, or gets `None`. So tasks start when the
+//! server has taken the last frame, not when the client has received it,
+//! and never inside the poll that hands the last frame over, where they
+//! could get in the way of its write. Never before the end either: a
+//! streaming body's tasks wait for its last chunk.
 //!
-//! Tasks run on the tokio runtime that serves the request (the one current
-//! where its body ends, or where a late task is added), even if they are
-//! added, or the body is dropped, on a thread outside any runtime: then
-//! they run on the runtime that served the layer's first request.
+//! A body dropped without ever being polled counts as delivered, with
+//! [`Outcome::NoBody`], only when it had nothing to send: a `HEAD` request,
+//! a 1xx, 204 or 304 status, or a body whose size is exactly 0. Any other
+//! body dropped unpolled was [`Outcome::Aborted`] (an HTTP/2 client that
+//! reset its stream right after the headers, a timeout outside the layer).
+//!
+//! Tasks run on spawned tokio tasks, so they never delay the response, nor
+//! the next request on a keep-alive connection;
+//! [`add_blocking`](BackgroundTasks::add_blocking) runs a synchronous closure
+//! on tokio's blocking pool. A request's runner starts at most 16 ready tasks
+//! in a row before it yields to the scheduler, so no request holds a worker.
+//!
+//! Tasks run on the tokio runtime current where the body is let go of, or
+//! where a late task is added. Where that happens off any runtime (a body
+//! dropped on a plain thread), they run on the runtime that served that
+//! service's first request.
 //!
 //! # Ordering
 //!
@@ -128,11 +140,18 @@
 //!
 //! # Cost
 //!
-//! A request that adds no task costs one allocation (its queue) and one
-//! atomic operation when its body ends: no lock, no spawn. Each task costs
-//! one allocation, and each request that has tasks one spawn (one per task
-//! with [`Execution::Concurrent`]). [`BackgroundBody`] adds no allocation per
-//! frame.
+//! A request that adds no task costs one allocation (its queue), one atomic
+//! operation when its body ends, and one reference count of the service's
+//! shared state: no lock, no spawn. Each task costs one allocation and a few
+//! atomic counter updates (there is no layer-wide lock), and each request
+//! that has tasks one spawned future that runs them (one per task with
+//! [`Execution::Concurrent`]). A task that awaits registers once per request
+//! for the shutdown wakeup. [`task_timeout`](BackgroundLayer::task_timeout)
+//! adds one timer allocation per request with tasks, and INFO tracing one
+//! allocation per request for its method and path. A request waiting for a
+//! permit of [`max_concurrent_tasks`](BackgroundLayer::max_concurrent_tasks)
+//! is a pointer in the layer's queue, not a parked task.
+//! [`BackgroundBody`] adds no allocation per frame.
 //!
 //! # Feature flags
 //!

@@ -254,8 +254,16 @@ impl Registry {
     }
 
     /// Wakes the `wait_idle` futures if the layer just became idle.
+    ///
+    /// An end writes its counter, then reads `idle_waiters`; a waiter writes
+    /// `idle_waiters`, then reads the counters. Both read the counters with
+    /// read-modify-writes, which see the latest value of each: of two such
+    /// sides, the later one sees the other's write, so a waiter either sees
+    /// the layer idle or is woken. (Plain `SeqCst` loads would do in Rust's
+    /// memory model; loom models them as acquire loads, and this is the path
+    /// it checks.)
     fn settle(&self) {
-        if self.idle_waiters.load(SeqCst) > 0 && self.stats().is_idle() {
+        if self.idle_waiters.load(SeqCst) > 0 && self.snapshot(true).is_idle() {
             self.idle.notify_waiters();
         }
     }
@@ -274,12 +282,14 @@ impl Registry {
         // The lock orders the close against waker registrations (a runner
         // that registers after this sees `closed`) and against a second close.
         let wakers = self.wakers.lock().unwrap_or_else(PoisonError::into_inner);
-        self.closed.store(true, SeqCst);
         let old = self.state.fetch_or(CLOSED, SeqCst);
         if old & CLOSED != 0 {
             return;
         }
         self.closed_in_flight.store(old / ONE_TASK, SeqCst);
+        // After the bit: a task that stops because it sees the flag has
+        // already been counted by the close.
+        self.closed.store(true, SeqCst);
         for waker in wakers.slots.iter().flatten() {
             waker.wake_by_ref();
         }
@@ -316,18 +326,30 @@ impl Registry {
     }
 
     pub(crate) fn stats(&self) -> Stats {
+        self.snapshot(false)
+    }
+
+    /// The counts; with `rmw`, read with read-modify-writes (see `settle`).
+    fn snapshot(&self, rmw: bool) -> Stats {
+        let read = |counter: &AtomicU64| {
+            if rmw {
+                counter.fetch_add(0, SeqCst)
+            } else {
+                counter.load(SeqCst)
+            }
+        };
         // Reverse order of a task's life: a task whose later step is seen
         // was seen at its earlier steps too.
-        let closed_in_flight = self.closed_in_flight.load(SeqCst);
-        let completed = self.completed.load(SeqCst);
-        let failed = self.failed.load(SeqCst);
-        let panicked = self.panicked.load(SeqCst);
-        let timed_out = self.timed_out.load(SeqCst);
-        let cancelled_running = self.cancelled_running.load(SeqCst);
-        let discarded = self.discarded.load(SeqCst);
-        let cancelled_pending = self.cancelled_pending.load(SeqCst);
-        let started = self.started.load(SeqCst);
-        let added = self.added.load(SeqCst);
+        let closed_in_flight = read(&self.closed_in_flight);
+        let completed = read(&self.completed);
+        let failed = read(&self.failed);
+        let panicked = read(&self.panicked);
+        let timed_out = read(&self.timed_out);
+        let cancelled_running = read(&self.cancelled_running);
+        let discarded = read(&self.discarded);
+        let cancelled_pending = read(&self.cancelled_pending);
+        let started = read(&self.started);
+        let added = read(&self.added);
 
         let ran = completed + failed + panicked + timed_out + cancelled_running;
         let mut stats = Stats {
@@ -360,7 +382,7 @@ impl Registry {
             // Registered before the check: an idle transition after the check
             // wakes us.
             notified.as_mut().enable();
-            if self.stats().is_idle() {
+            if self.snapshot(true).is_idle() {
                 return;
             }
             notified.await;

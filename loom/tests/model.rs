@@ -172,7 +172,7 @@ fn concurrent_execution_late_add_races_the_end_of_the_body() {
         let r = runs.clone();
         let (fut, tasks) = call(&layer, 1, true, move |t| t.add(r.task(0)));
         let res = block_on(fut).unwrap();
-        let body = thread::spawn(move || drop(res)); // unpolled: NoBody
+        let body = thread::spawn(move || drop(res)); // unpolled, with frames to send: Aborted (tasks still run)
         tasks.add(runs.task(1));
         body.join().unwrap();
         block_on(handle.wait_idle());
@@ -268,5 +268,124 @@ fn shutdown_races_the_end_of_the_body_and_a_late_add() {
         assert!(stats.completed <= ran, "{stats:?}, ran {ran}");
         assert_eq!(stats.completed + stats.cancelled, 2, "{stats:?}");
         assert!(report.cancelled <= stats.cancelled);
+    });
+}
+
+/// Drops a flag when the task's future is dropped.
+struct DropFlag(Arc<AtomicUsize>);
+
+impl Drop for DropFlag {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn shutdown_cancels_a_task_that_waits_on_its_first_poll() {
+    // The runner registers for the close's wakeup after the task's first
+    // `Pending`; the close may come before, during or after that.
+    loom::model(|| {
+        let layer = BackgroundLayer::new();
+        let handle = layer.handle();
+        let dropped = Arc::new(AtomicUsize::new(0));
+        let d = dropped.clone();
+        let (fut, _tasks) = call(&layer, 0, true, move |t| {
+            let flag = DropFlag(d);
+            t.add(async move {
+                let _flag = flag;
+                std::future::pending::<()>().await
+            })
+        });
+        let res = block_on(fut).unwrap();
+        drop(res); // dropped unpolled: its task starts
+        let report = block_on(handle.shutdown(Duration::ZERO));
+        block_on(handle.wait_idle());
+        let stats = handle.stats();
+        settled(stats, 1);
+        assert_eq!(stats.cancelled, 1, "{stats:?}");
+        assert_eq!(report.cancelled, 1, "{report:?}");
+        // The loom runner thread ends (it would deadlock otherwise) and drops
+        // the task once.
+    });
+}
+
+#[test]
+fn two_shutdowns_on_two_threads_close_once() {
+    loom::model(|| {
+        let layer = BackgroundLayer::new();
+        let handle = layer.handle();
+        let (fut, _tasks) = call(&layer, 0, true, |t| t.add(std::future::pending::<()>()));
+        let res = block_on(fut).unwrap();
+        drop(res);
+        let a = {
+            let handle = handle.clone();
+            thread::spawn(move || block_on(handle.shutdown(Duration::ZERO)))
+        };
+        let b = block_on(handle.shutdown(Duration::ZERO));
+        let a = a.join().unwrap();
+        block_on(handle.wait_idle());
+        let stats = handle.stats();
+        settled(stats, 1);
+        assert_eq!(stats.cancelled, 1, "{stats:?}");
+        // Each call reports what changed during it: the close is counted by
+        // exactly the calls that overlapped it, never twice in the stats.
+        assert!(a.cancelled <= 1 && b.cancelled <= 1, "{a:?} {b:?}");
+        assert!(a.cancelled + b.cancelled >= 1, "{a:?} {b:?}");
+    });
+}
+
+#[test]
+fn a_request_waiting_for_a_permit_races_shutdown() {
+    // max_concurrent_tasks(1): the second request waits in the layer's FIFO
+    // while the first one's task runs; the close races the end of that task
+    // and the hand-over of its permit.
+    loom::model(|| {
+        let layer = BackgroundLayer::new().max_concurrent_tasks(1);
+        let handle = layer.handle();
+        let runs = Runs::new(2);
+        let r = runs.clone();
+        let (first, _t1) = call(&layer, 0, true, move |t| t.add(r.task(0)));
+        let r = runs.clone();
+        let (second, _t2) = call(&layer, 0, true, move |t| t.add(r.task(1)));
+        let (first, second) = (block_on(first).unwrap(), block_on(second).unwrap());
+        drop(first);
+        drop(second); // waits for the permit, or runs if the first is done
+        let shutdown = {
+            let handle = handle.clone();
+            thread::spawn(move || block_on(handle.shutdown(Duration::ZERO)))
+        };
+        shutdown.join().unwrap();
+        block_on(handle.wait_idle());
+        let stats = handle.stats();
+        settled(stats, 2);
+        for i in 0..2 {
+            assert!(runs.count(i) <= 1, "task {i} ran twice");
+        }
+        let ran = (runs.count(0) + runs.count(1)) as u64;
+        assert!(stats.completed <= ran, "{stats:?}, ran {ran}");
+        assert_eq!(stats.completed + stats.cancelled, 2, "{stats:?}");
+    });
+}
+
+#[test]
+fn a_request_waiting_for_a_permit_is_started_by_the_release() {
+    loom::model(|| {
+        let layer = BackgroundLayer::new().max_concurrent_tasks(1);
+        let handle = layer.handle();
+        let runs = Runs::new(2);
+        let r = runs.clone();
+        let (first, _t1) = call(&layer, 0, true, move |t| t.add(r.task(0)));
+        let r = runs.clone();
+        let (second, _t2) = call(&layer, 0, true, move |t| t.add(r.task(1)));
+        let first = block_on(first).unwrap();
+        let second = block_on(second).unwrap();
+        let other = thread::spawn(move || drop(second));
+        drop(first);
+        other.join().unwrap();
+        block_on(handle.wait_idle());
+        assert_eq!((runs.count(0), runs.count(1)), (1, 1));
+        let stats = handle.stats();
+        settled(stats, 2);
+        assert_eq!(stats.completed, 2, "{stats:?}");
     });
 }
