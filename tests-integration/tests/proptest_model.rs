@@ -1,26 +1,51 @@
-//! Property tests: random scenarios (response body shape and how far it is
-//! polled, task mixes of every kind and behaviour, execution mode,
-//! `run_on_abort`, concurrency limit, late adds at random points, a
-//! `shutdown` at a random point) are driven through `tower::ServiceExt::oneshot`
-//! with a body the test polls frame by frame; the observed fate and order of
-//! every task and the final `Stats` are compared with a small reference model
-//! of the core semantics (the README's semantics table, rows 1-12).
+//! Property tests of the semantics table (README, rows 1-12) against a small
+//! reference model written from the documented contract, not from the code.
 //!
-//! Each case runs on its own runtime (current-thread, or multi-thread with two
-//! workers), with real time; late adds and the body's drop may happen on a
-//! thread outside the runtime. The task
-//! timeout is short (`TIMEOUT`) and only "slow" tasks wait for it. The case
-//! count is `PROPTEST_CASES` (default 512); a failing case shrinks to a small
-//! `Scenario`, printed with the model's expectations next to what happened.
+//! `every_task_runs_once_or_is_counted`: one request per case, driven through
+//! `tower::ServiceExt::oneshot` with a scripted body that the test polls frame
+//! by frame like a server would. Random scenarios: the body's frames (data,
+//! trailers, error), what it declares up front (exact `size_hint`,
+//! `Content-Length`, `is_end_stream`), the request method and the status,
+//! how far the "server" polls it and whether it honours `is_end_stream`; task
+//! mixes of every kind and behaviour; execution mode, `run_on_abort`,
+//! `task_timeout`, `max_concurrent_tasks`; late adds at random points; a
+//! `shutdown` at a random point; current-thread or multi-thread runtime; late
+//! adds and the body's drop on a thread outside the runtime. The model
+//! derives how the response ended (`Outcome`) from what the body handed out
+//! and what the server did with it, and from that the fate, order and
+//! `Stats` bucket of every task. The harness also checks the timing rule:
+//! no task starts, and `Stats` shows none started, before the server has let
+//! go of the ended body (dropped it, polled it again after its end, or got
+//! `None` from it); the tasks themselves check a "let go" flag that the
+//! harness sets right before that moment.
+//!
+//! `concurrency_limit_holds_across_requests`: 1 to 4 requests at once
+//! (spawned, on either runtime flavour), each with its own tasks and body
+//! fate, under `max_concurrent_tasks(k)`: the number of tasks running at once
+//! (measured by the tasks themselves) never exceeds `k`, every task ends in
+//! exactly one `Stats` bucket, `total()` equals the tasks added, and
+//! `pending` and `running` return to 0.
+//!
+//! Each case runs on its own runtime, with real time. The task timeout is
+//! short (`TIMEOUT`) and only "slow" tasks wait for it. The case count is
+//! `PROPTEST_CASES` (default 512 for the first property, half that for the
+//! second); a failing case shrinks to a small scenario, printed with the
+//! model's expectations next to what happened.
+//!
+//! ```sh
+//! cargo test -p tests-integration --test proptest_model
+//! PROPTEST_CASES=2000 cargo test -p tests-integration --test proptest_model
+//! ```
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, Once};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, Request, Response, StatusCode};
+use http::{header::CONTENT_LENGTH, HeaderMap, Method, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use proptest::prelude::*;
@@ -68,14 +93,46 @@ struct TaskSpec {
     late: Option<u8>,
 }
 
+/// What the scripted body yields after its data frames.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum End {
-    /// `None` after the data.
+    /// Nothing: `None` after the data.
     Clean,
     /// A trailers frame after the data, then `None`.
     Trailers,
     /// An error frame after the data.
     Error,
+}
+
+/// One frame of the script.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Piece {
+    /// A data frame of one byte.
+    Data,
+    Trailers,
+    Error,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Status {
+    Ok,
+    ServerError,
+    /// 103 Early Hints, an informational status.
+    EarlyHints,
+    NoContent,
+    NotModified,
+}
+
+impl Status {
+    fn code(self) -> StatusCode {
+        match self {
+            Status::Ok => StatusCode::OK,
+            Status::ServerError => StatusCode::INTERNAL_SERVER_ERROR,
+            Status::EarlyHints => StatusCode::from_u16(103).unwrap(),
+            Status::NoContent => StatusCode::NO_CONTENT,
+            Status::NotModified => StatusCode::NOT_MODIFIED,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -85,15 +142,22 @@ enum Reply {
         /// Data frames (one byte each).
         data: u8,
         end: End,
-        /// The body reports `is_end_stream()` once drained, and the driver
-        /// (like hyper) stops polling a body that reports it.
+        /// The body reports `is_end_stream()` once it has no frame left
+        /// (so also before any poll when it has no frame at all).
         eos_hint: bool,
-        /// The body reports an exact `size_hint`.
+        /// The body reports an exact `size_hint` (its data bytes left).
         exact: bool,
+        /// The response carries `Content-Length: data`.
+        content_length: bool,
         /// The driver polls at most this many times, then drops the body
         /// (`Some(0)`: never polled). `None`: polls to the end.
         polls: Option<u8>,
-        server_error: bool,
+        /// The driver (like `collect()`) keeps polling a body that reports
+        /// `is_end_stream()`; otherwise it stops there, like hyper.
+        ignore_eos: bool,
+        status: Status,
+        /// The request is a `HEAD` request.
+        head: bool,
     },
     /// The inner service returns `Err`.
     ServiceError,
@@ -118,7 +182,8 @@ struct Scenario {
     tasks: Vec<TaskSpec>,
     /// Checkpoint `s % checkpoints` (0 is before the request).
     shutdown: Option<(u8, Grace)>,
-    /// Yield to the runtime at every checkpoint (lets runners progress).
+    /// Yield to the runtime at every checkpoint (lets started tasks run, so
+    /// that one started too early is seen).
     yields: bool,
     /// A multi-thread runtime (two workers) instead of a current-thread one.
     multi_thread: bool,
@@ -145,28 +210,48 @@ fn task() -> impl Strategy<Value = TaskSpec> {
         .prop_map(|(kind, behave, late)| TaskSpec { kind, behave, late })
 }
 
+fn status() -> impl Strategy<Value = Status> {
+    prop_oneof![
+        6 => Just(Status::Ok),
+        2 => Just(Status::ServerError),
+        1 => Just(Status::EarlyHints),
+        1 => Just(Status::NoContent),
+        1 => Just(Status::NotModified),
+    ]
+}
+
 fn reply() -> impl Strategy<Value = Reply> {
     let end = prop_oneof![
         3 => Just(End::Clean),
         1 => Just(End::Trailers),
         1 => Just(End::Error),
     ];
+    // Never polled is a case of its own (semantics rows 1 and 4).
+    let polls = prop::option::weighted(0.45, prop_oneof![1 => Just(0u8), 3 => 0u8..5]);
     let body = (
         0u8..5,
         end,
         any::<bool>(),
         any::<bool>(),
-        prop::option::weighted(0.4, 0u8..5),
+        prop::bool::weighted(0.3),
+        polls,
         prop::bool::weighted(0.2),
+        status(),
+        prop::bool::weighted(0.15),
     )
         .prop_map(
-            |(data, end, eos_hint, exact, polls, server_error)| Reply::Body {
-                data,
-                end,
-                eos_hint,
-                exact,
-                polls,
-                server_error,
+            |(data, end, eos_hint, exact, content_length, polls, ignore_eos, status, head)| {
+                Reply::Body {
+                    data,
+                    end,
+                    eos_hint,
+                    exact,
+                    content_length,
+                    polls,
+                    ignore_eos,
+                    status,
+                    head,
+                }
             },
         );
     prop_oneof![
@@ -225,7 +310,8 @@ fn scenario() -> impl Strategy<Value = Scenario> {
 // ---------------------------------------------------------------- the model
 
 /// When something happens: a checkpoint, then a step within it
-/// (0 handler adds, 1 body event, 2 late adds, 3 shutdown).
+/// (0 handler adds, 1 the server lets go of the ended body, 2 late adds,
+/// 3 shutdown).
 type Key = (usize, u8);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -238,6 +324,155 @@ enum Fate {
     Cancelled,
 }
 
+fn script(data: u8, end: End) -> Vec<Piece> {
+    let mut frames = vec![Piece::Data; data as usize];
+    match end {
+        End::Clean => {}
+        End::Trailers => frames.push(Piece::Trailers),
+        End::Error => frames.push(Piece::Error),
+    }
+    frames
+}
+
+/// What the response said about its body before anyone polled it.
+#[derive(Debug, Clone, Copy)]
+struct Declared {
+    head: bool,
+    status: StatusCode,
+    /// `size_hint().exact()` of the body as the handler returned it.
+    exact_len: Option<u64>,
+    /// The `Content-Length` header.
+    content_length: Option<u64>,
+    /// `is_end_stream()` of the body as the handler returned it.
+    end_stream: bool,
+}
+
+/// What the body handed out, one entry per frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Handed {
+    /// A data frame; whether the body reported `is_end_stream()` right after.
+    Data {
+        end_stream_after: bool,
+    },
+    Trailers,
+    Error,
+}
+
+/// What the driver did with the scripted body, step by step.
+#[derive(Debug)]
+struct History {
+    handed: Vec<Handed>,
+    /// A poll returned `None`.
+    got_none: bool,
+    polls: usize,
+    /// The checkpoint at which the server lets go of the ended body (the
+    /// tasks start there): the first poll made after the body's end, the
+    /// poll that gets `None`, or else the drop.
+    let_go_cp: usize,
+}
+
+/// Simulates the driver on the script: it stops after `limit` polls, at
+/// `None` or an error, and (unless `ignore_eos`) when the body reports
+/// `is_end_stream()`. Checkpoint `1 + j` follows poll `j`; `2 + polls`
+/// follows the drop.
+fn simulate(frames: &[Piece], eos_hint: bool, ignore_eos: bool, limit: Option<u8>) -> History {
+    let mut idx = 0;
+    let mut h = History {
+        handed: Vec::new(),
+        got_none: false,
+        polls: 0,
+        let_go_cp: 0,
+    };
+    // The body has yielded a frame that ends it (trailers, error, or data
+    // after which it reports its end).
+    let mut ended = false;
+    let mut let_go = None;
+    loop {
+        if limit.is_some_and(|l| h.polls == l as usize) {
+            break;
+        }
+        let end_stream = eos_hint && idx == frames.len();
+        if end_stream && !ignore_eos {
+            break;
+        }
+        h.polls += 1;
+        let cp = 1 + h.polls;
+        if ended {
+            // Polled again after its end.
+            let_go.get_or_insert(cp);
+        }
+        let Some(&piece) = frames.get(idx) else {
+            h.got_none = true;
+            let_go.get_or_insert(cp);
+            break;
+        };
+        idx += 1;
+        match piece {
+            Piece::Data => {
+                let end_stream_after = eos_hint && idx == frames.len();
+                h.handed.push(Handed::Data { end_stream_after });
+                ended |= end_stream_after;
+            }
+            Piece::Trailers => {
+                h.handed.push(Handed::Trailers);
+                ended = true;
+            }
+            Piece::Error => {
+                h.handed.push(Handed::Error);
+                break;
+            }
+        }
+    }
+    h.let_go_cp = let_go.unwrap_or(2 + h.polls);
+    h
+}
+
+/// How the response ended, from what the body handed out and what the
+/// server did with it (the contract's words, semantics rows 1 and 4).
+fn outcome_of(d: &Declared, h: &History) -> Outcome {
+    if h.polls == 0 {
+        // Dropped without ever being polled: `NoBody` only when the
+        // response had nothing to send.
+        let nothing_to_send = d.head
+            || d.status.is_informational()
+            || d.status == StatusCode::NO_CONTENT
+            || d.status == StatusCode::NOT_MODIFIED
+            || d.exact_len == Some(0)
+            || d.end_stream;
+        return if nothing_to_send {
+            Outcome::NoBody
+        } else {
+            Outcome::Aborted
+        };
+    }
+    // The first frame that ends the body decides.
+    for piece in &h.handed {
+        match piece {
+            Handed::Error => return Outcome::BodyError,
+            Handed::Trailers => return Outcome::Finished,
+            Handed::Data {
+                end_stream_after: true,
+            } => return Outcome::Finished,
+            Handed::Data { .. } => {}
+        }
+    }
+    if h.got_none {
+        return Outcome::Finished;
+    }
+    // Dropped before its end: finished only if it had handed over exactly
+    // the length it declared.
+    let bytes = h
+        .handed
+        .iter()
+        .filter(|p| matches!(p, Handed::Data { .. }))
+        .count() as u64;
+    if d.exact_len.or(d.content_length) == Some(bytes) {
+        Outcome::Finished
+    } else {
+        Outcome::Aborted
+    }
+}
+
 #[derive(Debug)]
 struct Model {
     /// Number of body polls the driver makes.
@@ -245,6 +480,9 @@ struct Model {
     /// Shown in failure reports.
     #[allow(dead_code)]
     checkpoints: usize,
+    /// The checkpoint at which the tasks may start (shown in reports).
+    #[allow(dead_code)]
+    let_go_cp: Option<usize>,
     /// The checkpoint of each task's add (handler adds: 1).
     add_cp: Vec<usize>,
     /// The shutdown checkpoint.
@@ -257,97 +495,33 @@ struct Model {
     racy: bool,
 }
 
-fn frames_of(data: u8, end: End) -> Vec<End> {
-    // `Clean` stands for a data frame here.
-    let mut frames = vec![End::Clean; data as usize];
-    if end != End::Clean {
-        frames.push(end);
-    }
-    frames
-}
-
-/// Simulates the driver on the scripted body: (polls, checkpoint where the
-/// tasks start, outcome).
-fn simulate(
-    data: u8,
-    end: End,
-    eos_hint: bool,
-    exact: bool,
-    limit: Option<u8>,
-) -> (usize, usize, Outcome) {
-    let frames = frames_of(data, end);
-    let mut remaining = exact.then_some(data as u64);
-    let mut idx = 0;
-    let mut polls = 0;
-    let mut finished = None;
-    loop {
-        if limit.is_some_and(|l| polls == l as usize) {
-            break;
-        }
-        if eos_hint && idx == frames.len() {
-            break;
-        }
-        polls += 1;
-        let cp = 1 + polls;
-        if idx == frames.len() {
-            finished.get_or_insert((cp, Outcome::Finished));
-            break;
-        }
-        let frame = frames[idx];
-        idx += 1;
-        match frame {
-            End::Error => {
-                finished.get_or_insert((cp, Outcome::BodyError));
-                break;
-            }
-            End::Clean | End::Trailers => {
-                if frame == End::Clean {
-                    if let Some(r) = &mut remaining {
-                        *r -= 1;
-                    }
-                }
-                // Trailers are the last frame: they end the body (servers do
-                // not poll for the `None` after them).
-                if frame == End::Trailers || (eos_hint && idx == frames.len()) {
-                    finished.get_or_insert((cp, Outcome::Finished));
-                }
-            }
-        }
-    }
-    let drop_cp = 2 + polls;
-    let (cp, outcome) = finished.unwrap_or_else(|| {
-        let outcome = if polls == 0 {
-            Outcome::NoBody
-        } else if remaining == Some(0) {
-            Outcome::Finished
-        } else {
-            Outcome::Aborted
-        };
-        (drop_cp, outcome)
-    });
-    (polls, cp, outcome)
-}
-
 impl Model {
     fn new(s: &Scenario) -> Model {
-        let (polls, body_event, completion) = match &s.reply {
+        let (polls, let_go_cp, completion) = match &s.reply {
             Reply::Body {
                 data,
                 end,
                 eos_hint,
                 exact,
+                content_length,
                 polls,
-                server_error,
+                ignore_eos,
+                status,
+                head,
             } => {
-                let (p, cp, outcome) = simulate(*data, *end, *eos_hint, *exact, *polls);
-                let status = if *server_error {
-                    StatusCode::INTERNAL_SERVER_ERROR
-                } else {
-                    StatusCode::OK
+                let frames = script(*data, *end);
+                let declared = Declared {
+                    head: *head,
+                    status: status.code(),
+                    exact_len: exact.then_some(*data as u64),
+                    content_length: content_length.then_some(*data as u64),
+                    end_stream: *eos_hint && frames.is_empty(),
                 };
-                (p, cp, Some((status, outcome)))
+                let h = simulate(&frames, *eos_hint, *ignore_eos, *polls);
+                let outcome = outcome_of(&declared, &h);
+                (h.polls, Some(h.let_go_cp), Some((status.code(), outcome)))
             }
-            Reply::ServiceError | Reply::FutureDropped => (0, 1, None),
+            Reply::ServiceError | Reply::FutureDropped => (0, None, None),
         };
         // cp 0: before the request; 1: after the response; 1 + j: after poll
         // j; 2 + polls: after the body was dropped.
@@ -363,7 +537,6 @@ impl Model {
         let shutdown_cp = s.shutdown.map(|(p, _)| p as usize % checkpoints);
         let shutdown_key: Key = shutdown_cp.map_or((usize::MAX, 0), |cp| (cp, 3));
         let zero_grace = matches!(s.shutdown, Some((_, Grace::Zero)));
-        let event: Key = (body_event, 1);
 
         let mut fates = Vec::new();
         for (i, t) in s.tasks.iter().enumerate() {
@@ -371,10 +544,9 @@ impl Model {
             let fate = if shutdown_key < add {
                 Fate::Cancelled
             } else {
-                match completion {
-                    None => Fate::Discarded,
-                    Some((_, outcome)) => {
-                        let start = add.max(event);
+                match (completion, let_go_cp) {
+                    (Some((_, outcome)), Some(let_go)) => {
+                        let start = add.max((let_go, 1));
                         if shutdown_key < start {
                             Fate::Cancelled
                         } else if t.kind != Kind::With && !s.run_on_abort && !outcome.is_delivered()
@@ -386,6 +558,7 @@ impl Model {
                             Fate::Runs
                         }
                     }
+                    _ => Fate::Discarded,
                 }
             };
             fates.push(fate);
@@ -401,6 +574,7 @@ impl Model {
         Model {
             polls,
             checkpoints,
+            let_go_cp,
             add_cp,
             shutdown_cp,
             completion,
@@ -441,14 +615,83 @@ fn buckets(stats: &Stats) -> [u64; 4] {
     ]
 }
 
+// ---------------------------------------------------------------- probes
+
+/// What the tasks of one request record.
+#[derive(Default)]
+struct Probe {
+    /// Set by the harness right before it drops the body or polls it again
+    /// after its end, and by the body itself when it returns `None`.
+    let_go: AtomicBool,
+    /// Every task's entry, in the order they started.
+    entered: Mutex<Vec<String>>,
+    /// Contract violations seen from inside the tasks.
+    faults: Mutex<Vec<String>>,
+}
+
+impl Probe {
+    /// Called first thing by every task.
+    fn enter(&self, entry: String) {
+        if !self.let_go.load(SeqCst) {
+            self.fault(format!(
+                "{entry} started before the server let go of the body"
+            ));
+        }
+        self.entered.lock().unwrap().push(entry);
+    }
+
+    fn fault(&self, fault: String) {
+        self.faults.lock().unwrap().push(fault);
+    }
+}
+
+/// How many tasks of a layer run at once, measured by the tasks.
+#[derive(Default)]
+struct Gauge {
+    running: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+/// A task's slot in the [`Gauge`], given back when the task's future (or
+/// closure) ends, panics or is dropped.
+struct Held(Arc<Gauge>);
+
+impl Gauge {
+    fn hold(self: &Arc<Self>) -> Held {
+        let now = self.running.fetch_add(1, SeqCst) + 1;
+        self.peak.fetch_max(now, SeqCst);
+        Held(Arc::clone(self))
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, SeqCst);
+    }
+}
+
 // ---------------------------------------------------------------- the body
 
 /// A body whose frames are scripted; the driver decides how far it is polled.
 struct ScriptBody {
-    frames: std::collections::VecDeque<End>,
+    frames: std::collections::VecDeque<Piece>,
     eos_hint: bool,
     exact: bool,
     data_left: u64,
+    probe: Arc<Probe>,
+}
+
+impl ScriptBody {
+    fn new(frames: Vec<Piece>, eos_hint: bool, exact: bool, probe: &Arc<Probe>) -> Self {
+        let data_left = frames.iter().filter(|p| **p == Piece::Data).count() as u64;
+        ScriptBody {
+            frames: frames.into(),
+            eos_hint,
+            exact,
+            data_left,
+            probe: Arc::clone(probe),
+        }
+    }
 }
 
 impl Body for ScriptBody {
@@ -459,17 +702,22 @@ impl Body for ScriptBody {
         mut self: Pin<&mut Self>,
         _cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
-        Poll::Ready(self.frames.pop_front().map(|f| match f {
-            End::Clean => {
+        let Some(piece) = self.frames.pop_front() else {
+            // The server gets `None`: it lets go of the body here.
+            self.probe.let_go.store(true, SeqCst);
+            return Poll::Ready(None);
+        };
+        Poll::Ready(Some(match piece {
+            Piece::Data => {
                 self.data_left -= 1;
                 Ok(Frame::data(Bytes::from_static(b"x")))
             }
-            End::Trailers => {
+            Piece::Trailers => {
                 let mut trailers = HeaderMap::new();
                 trailers.insert("x-checksum", "1".parse().unwrap());
                 Ok(Frame::trailers(trailers))
             }
-            End::Error => Err(std::io::Error::other("scripted body error")),
+            Piece::Error => Err(std::io::Error::other("scripted body error")),
         }))
     }
 
@@ -488,11 +736,16 @@ impl Body for ScriptBody {
 
 // ---------------------------------------------------------------- the driver
 
-type Log = Arc<Mutex<Vec<String>>>;
-
-fn add_task(tasks: &BackgroundTasks, s: &Scenario, i: usize, log: &Log) {
+fn add_task(
+    tasks: &BackgroundTasks,
+    s: &Scenario,
+    i: usize,
+    probe: &Arc<Probe>,
+    gauge: &Arc<Gauge>,
+) {
     let spec = s.tasks[i].clone();
-    let log = Arc::clone(log);
+    let probe = Arc::clone(probe);
+    let gauge = Arc::clone(gauge);
     let slow_async = if s.timeout {
         Duration::from_secs(3600)
     } else {
@@ -503,22 +756,28 @@ fn add_task(tasks: &BackgroundTasks, s: &Scenario, i: usize, log: &Log) {
     } else {
         Duration::from_millis(3)
     };
+    // A blocking closure past its deadline is counted and left to finish:
+    // what it does afterwards is not a task of the layer running.
+    let gauged = !(s.timeout && spec.kind == Kind::Blocking && spec.behave == Behave::Slow);
     let name = format!("t{i}");
     match spec.kind {
         Kind::Add => tasks.add(async move {
-            log.lock().unwrap().push(name);
+            probe.enter(name);
+            let _held = gauge.hold();
             run_async(spec.behave, slow_async).await
         }),
         Kind::With => tasks.add_with(move |done: Completion| async move {
-            log.lock().unwrap().push(format!(
+            probe.enter(format!(
                 "{name}:{:?}:{}",
                 done.outcome(),
                 done.status().as_u16()
             ));
+            let _held = gauge.hold();
             run_async(spec.behave, slow_async).await
         }),
         Kind::Blocking => tasks.add_blocking(move || {
-            log.lock().unwrap().push(name);
+            probe.enter(name);
+            let _held = gauged.then(|| gauge.hold());
             match spec.behave {
                 Behave::Ok => Ok(()),
                 Behave::Err => Err("deliberate error"),
@@ -546,6 +805,9 @@ async fn run_async(behave: Behave, slow: Duration) -> Result<(), &'static str> {
 
 struct Observed {
     entered: Vec<String>,
+    /// Violations of the timing rule (from the tasks and from `Stats`).
+    faults: Vec<String>,
+    peak: usize,
     stats: Stats,
     report: Option<ShutdownReport>,
     polls: usize,
@@ -555,7 +817,8 @@ struct Driver<'a> {
     s: &'a Scenario,
     m: &'a Model,
     handle: BackgroundHandle,
-    log: Log,
+    probe: Arc<Probe>,
+    gauge: Arc<Gauge>,
     tasks: Arc<Mutex<Option<BackgroundTasks>>>,
     report: Option<ShutdownReport>,
 }
@@ -567,18 +830,28 @@ impl Driver<'_> {
                 let tasks = self.tasks.lock().unwrap().clone();
                 let tasks = tasks.expect("the handler ran before any late add");
                 if self.s.off_runtime {
-                    let (s, log) = (self.s, &self.log);
+                    let (s, probe, gauge) = (self.s, &self.probe, &self.gauge);
                     std::thread::scope(|scope| {
-                        scope.spawn(|| add_task(&tasks, s, i, log));
+                        scope.spawn(|| add_task(&tasks, s, i, probe, gauge));
                     });
                 } else {
-                    add_task(&tasks, self.s, i, &self.log);
+                    add_task(&tasks, self.s, i, &self.probe, &self.gauge);
                 }
             }
         }
         if self.s.yields {
             for _ in 0..4 {
                 tokio::task::yield_now().await;
+            }
+        }
+        if !self.probe.let_go.load(SeqCst) {
+            // The body is streaming, or ended but still held: nothing may
+            // have started.
+            let st = self.handle.stats();
+            if st.running + buckets(&st).iter().sum::<u64>() > 0 {
+                self.probe.fault(format!(
+                    "checkpoint {cp}: a task started before the server let go of the body: {st:?}"
+                ));
             }
         }
         if self.m.shutdown_cp == Some(cp) {
@@ -617,28 +890,30 @@ async fn drive(s: &Scenario, m: &Model) -> Observed {
     if let Some(limit) = s.limit {
         layer = layer.max_concurrent_tasks(limit as usize);
     }
-    let log: Log = Arc::default();
+    let probe: Arc<Probe> = Arc::default();
+    let gauge: Arc<Gauge> = Arc::default();
     let slot: Arc<Mutex<Option<BackgroundTasks>>> = Arc::default();
     let mut d = Driver {
         s,
         m,
         handle: layer.handle(),
-        log: Arc::clone(&log),
+        probe: Arc::clone(&probe),
+        gauge: Arc::clone(&gauge),
         tasks: Arc::clone(&slot),
         report: None,
     };
 
     let scenario = s.clone();
-    let handler_log = Arc::clone(&log);
+    let (handler_probe, handler_gauge) = (Arc::clone(&probe), Arc::clone(&gauge));
     let svc = layer.layer(service_fn(move |req: Request<()>| {
         let tasks = req.extensions().get::<BackgroundTasks>().unwrap().clone();
         *slot.lock().unwrap() = Some(tasks.clone());
         let s = scenario.clone();
-        let log = Arc::clone(&handler_log);
+        let (probe, gauge) = (Arc::clone(&handler_probe), Arc::clone(&handler_gauge));
         async move {
             for i in 0..s.tasks.len() {
                 if s.tasks[i].late.is_none() {
-                    add_task(&tasks, &s, i, &log);
+                    add_task(&tasks, &s, i, &probe, &gauge);
                 }
             }
             match s.reply {
@@ -647,18 +922,16 @@ async fn drive(s: &Scenario, m: &Model) -> Observed {
                     end,
                     eos_hint,
                     exact,
-                    server_error,
+                    content_length,
+                    status,
                     ..
                 } => {
-                    let body = ScriptBody {
-                        frames: frames_of(data, end).into(),
-                        eos_hint,
-                        exact,
-                        data_left: data as u64,
-                    };
+                    let body = ScriptBody::new(script(data, end), eos_hint, exact, &probe);
                     let mut res = Response::new(body);
-                    if server_error {
-                        *res.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+                    *res.status_mut() = status.code();
+                    if content_length {
+                        res.headers_mut()
+                            .insert(CONTENT_LENGTH, u64::from(data).into());
                     }
                     Ok(res)
                 }
@@ -671,22 +944,45 @@ async fn drive(s: &Scenario, m: &Model) -> Observed {
     d.checkpoint(0).await;
     let mut polls = 0;
     match s.reply {
-        Reply::Body { polls: limit, .. } => {
-            let res = svc.oneshot(Request::new(())).await.expect("a response");
+        Reply::Body {
+            polls: limit,
+            ignore_eos,
+            head,
+            ..
+        } => {
+            let method = if head { Method::HEAD } else { Method::GET };
+            let req = Request::builder().method(method).body(()).unwrap();
+            let res = svc.oneshot(req).await.expect("a response");
             d.checkpoint(1).await;
             let mut body: BackgroundBody<ScriptBody> = res.into_body();
+            // The driver's own view: the body has handed over a frame that
+            // ends it.
+            let mut ended = false;
             loop {
-                if limit.is_some_and(|l| polls == l as usize) || body.is_end_stream() {
+                if limit.is_some_and(|l| polls == l as usize)
+                    || (!ignore_eos && body.is_end_stream())
+                {
                     break;
+                }
+                if ended {
+                    // Polled again after its end: the server lets go.
+                    probe.let_go.store(true, SeqCst);
                 }
                 let frame = body.frame().await;
                 polls += 1;
+                let stop = match &frame {
+                    None | Some(Err(_)) => true,
+                    Some(Ok(f)) => {
+                        ended |= f.is_trailers() || body.is_end_stream();
+                        false
+                    }
+                };
                 d.checkpoint(1 + polls).await;
-                match frame {
-                    None | Some(Err(_)) => break,
-                    Some(Ok(_)) => {}
+                if stop {
+                    break;
                 }
             }
+            probe.let_go.store(true, SeqCst);
             if s.off_runtime {
                 std::thread::spawn(move || drop(body)).join().unwrap();
             } else {
@@ -714,9 +1010,12 @@ async fn drive(s: &Scenario, m: &Model) -> Observed {
     tokio::time::timeout(LIMIT, d.handle.wait_idle())
         .await
         .expect("wait_idle resolves once every task has ended");
-    let entered = log.lock().unwrap().clone();
+    let entered = probe.entered.lock().unwrap().clone();
+    let faults = probe.faults.lock().unwrap().clone();
     Observed {
         entered,
+        faults,
+        peak: gauge.peak.load(SeqCst),
         stats: d.handle.stats(),
         report: d.report,
         polls,
@@ -741,10 +1040,8 @@ fn silence_deliberate_panics() {
     });
 }
 
-fn run_case(s: &Scenario) -> Result<(), TestCaseError> {
-    silence_deliberate_panics();
-    let m = Model::new(s);
-    let rt = if s.multi_thread {
+fn runtime(multi_thread: bool) -> tokio::runtime::Runtime {
+    if multi_thread {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -754,12 +1051,18 @@ fn run_case(s: &Scenario) -> Result<(), TestCaseError> {
             .enable_all()
             .build()
     }
-    .unwrap();
+    .unwrap()
+}
+
+fn run_case(s: &Scenario) -> Result<(), TestCaseError> {
+    silence_deliberate_panics();
+    let m = Model::new(s);
+    let rt = runtime(s.multi_thread);
     let o = rt.block_on(drive(s, &m));
     rt.shutdown_background();
     let ctx = format!(
-        "\nmodel: {m:?}\nentered: {:?}\nstats: {:?}\nreport: {:?}",
-        o.entered, o.stats, o.report
+        "\nmodel: {m:?}\nentered: {:?}\nfaults: {:?}\npeak: {}\nstats: {:?}\nreport: {:?}",
+        o.entered, o.faults, o.peak, o.stats, o.report
     );
     check(s, &m, &o).map_err(|e| TestCaseError::fail(format!("{e}{ctx}")))
 }
@@ -768,6 +1071,18 @@ fn check(s: &Scenario, m: &Model, o: &Observed) -> Result<(), TestCaseError> {
     let n = s.tasks.len() as u64;
     let st = &o.stats;
     prop_assert_eq!(o.polls, m.polls, "the driver polled as the model simulated");
+    prop_assert!(
+        o.faults.is_empty(),
+        "no task starts before the server lets go of its ended body"
+    );
+    if let Some(limit) = s.limit {
+        prop_assert!(
+            o.peak <= limit as usize,
+            "max_concurrent_tasks({}) exceeded: {} at once",
+            limit,
+            o.peak
+        );
+    }
     prop_assert_eq!((st.pending, st.running), (0, 0), "idle at the end");
     prop_assert_eq!(st.total(), n, "every task is counted exactly once");
     let expect_count = |f: Fate| m.fates.iter().filter(|&&x| x == f).count() as u64;
@@ -817,7 +1132,7 @@ fn check(s: &Scenario, m: &Model, o: &Observed) -> Result<(), TestCaseError> {
         prop_assert_eq!(buckets(st), want, "completed/failed/panicked/timed_out");
         prop_assert_eq!(st.cancelled, expect_count(Fate::Cancelled), "cancelled");
     } else {
-        // A zero-grace shutdown raced the runner: what ran is consistent.
+        // A zero-grace shutdown raced the tasks: what ran is consistent.
         let ended: u64 = buckets(st).iter().sum();
         prop_assert!(ended <= o.entered.len() as u64, "ended tasks had started");
         prop_assert_eq!(
@@ -862,6 +1177,349 @@ fn check(s: &Scenario, m: &Model, o: &Observed) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+// ------------------------------------- several requests under a task limit
+
+/// What a task of the concurrency property does while it holds its slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Work {
+    /// Yields a few times (async) and returns `Ok`.
+    Ok,
+    Err,
+    Panic,
+    /// Sleeps this many milliseconds, then returns `Ok`.
+    Sleep(u8),
+}
+
+/// How the "server" treats a request of the concurrency property.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Plan {
+    /// A body of this many data frames, read to `None` (`Finished`).
+    Read(u8),
+    /// A body of `frames` data frames, dropped after `after` of them
+    /// (`Aborted`).
+    Cut { frames: u8, after: u8 },
+    /// A body of two data frames, never polled: a `HEAD` request (`NoBody`)
+    /// or a `GET` (`Aborted`).
+    Unpolled { head: bool },
+    /// The inner service fails (every task is discarded).
+    ServiceError,
+}
+
+impl Plan {
+    /// How the response ends, by the contract.
+    fn outcome(self) -> Option<Outcome> {
+        match self {
+            Plan::Read(_) => Some(Outcome::Finished),
+            Plan::Cut { .. } => Some(Outcome::Aborted),
+            Plan::Unpolled { head: true } => Some(Outcome::NoBody),
+            Plan::Unpolled { head: false } => Some(Outcome::Aborted),
+            Plan::ServiceError => None,
+        }
+    }
+
+    fn frames(self) -> u8 {
+        match self {
+            Plan::Read(frames) | Plan::Cut { frames, .. } => frames,
+            Plan::Unpolled { .. } => 2,
+            Plan::ServiceError => 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct LoadRequest {
+    plan: Plan,
+    tasks: Vec<(Kind, Work)>,
+}
+
+#[derive(Debug, Clone)]
+struct Load {
+    limit: u8,
+    execution: Execution,
+    run_on_abort: bool,
+    multi_thread: bool,
+    requests: Vec<LoadRequest>,
+}
+
+fn work() -> impl Strategy<Value = Work> {
+    prop_oneof![
+        5 => Just(Work::Ok),
+        1 => Just(Work::Err),
+        1 => Just(Work::Panic),
+        2 => (1u8..4).prop_map(Work::Sleep),
+    ]
+}
+
+fn plan() -> impl Strategy<Value = Plan> {
+    prop_oneof![
+        5 => (0u8..4).prop_map(Plan::Read),
+        2 => (1u8..4).prop_flat_map(|frames| (0..frames).prop_map(move |after| Plan::Cut { frames, after })),
+        2 => any::<bool>().prop_map(|head| Plan::Unpolled { head }),
+        1 => Just(Plan::ServiceError),
+    ]
+}
+
+fn load() -> impl Strategy<Value = Load> {
+    let request = (plan(), prop::collection::vec((kind(), work()), 0..6))
+        .prop_map(|(plan, tasks)| LoadRequest { plan, tasks });
+    (
+        1u8..4,
+        prop_oneof![Just(Execution::Sequential), Just(Execution::Concurrent)],
+        any::<bool>(),
+        any::<bool>(),
+        prop::collection::vec(request, 1..=4),
+    )
+        .prop_map(
+            |(limit, execution, run_on_abort, multi_thread, requests)| Load {
+                limit,
+                execution,
+                run_on_abort,
+                multi_thread,
+                requests,
+            },
+        )
+}
+
+/// Whether a task of `kind` runs for a response that ended with `outcome`.
+fn runs(kind: Kind, outcome: Option<Outcome>, run_on_abort: bool) -> bool {
+    match outcome {
+        None => false,
+        Some(outcome) => kind == Kind::With || run_on_abort || outcome.is_delivered(),
+    }
+}
+
+fn add_load_task(
+    tasks: &BackgroundTasks,
+    name: String,
+    (kind, work): (Kind, Work),
+    expected: Option<Outcome>,
+    probe: &Arc<Probe>,
+    gauge: &Arc<Gauge>,
+) {
+    let probe = Arc::clone(probe);
+    let gauge = Arc::clone(gauge);
+    match kind {
+        Kind::Add => tasks.add(async move {
+            probe.enter(name);
+            let _held = gauge.hold();
+            load_async(work).await
+        }),
+        Kind::With => tasks.add_with(move |done: Completion| async move {
+            if Some(done.outcome()) != expected {
+                probe.fault(format!("{name} saw {:?}", done.outcome()));
+            }
+            probe.enter(name);
+            let _held = gauge.hold();
+            load_async(work).await
+        }),
+        Kind::Blocking => tasks.add_blocking(move || {
+            probe.enter(name);
+            let _held = gauge.hold();
+            match work {
+                Work::Ok => {
+                    std::thread::yield_now();
+                    Ok(())
+                }
+                Work::Err => Err("deliberate error"),
+                Work::Panic => panic!("{PANIC_TEXT}"),
+                Work::Sleep(ms) => {
+                    std::thread::sleep(Duration::from_millis(ms.into()));
+                    Ok(())
+                }
+            }
+        }),
+    }
+}
+
+async fn load_async(work: Work) -> Result<(), &'static str> {
+    for _ in 0..3 {
+        tokio::task::yield_now().await;
+    }
+    match work {
+        Work::Ok => Ok(()),
+        Work::Err => Err("deliberate error"),
+        Work::Panic => panic!("{PANIC_TEXT}"),
+        Work::Sleep(ms) => {
+            tokio::time::sleep(Duration::from_millis(ms.into())).await;
+            Ok(())
+        }
+    }
+}
+
+struct LoadObserved {
+    /// Per request: the entries of the tasks that started.
+    entered: Vec<Vec<String>>,
+    faults: Vec<String>,
+    peak: usize,
+    /// Tasks still holding a slot after `wait_idle`.
+    holding: usize,
+    stats: Stats,
+}
+
+async fn drive_load(l: &Load) -> LoadObserved {
+    let layer = BackgroundLayer::new()
+        .execution(l.execution)
+        .run_on_abort(l.run_on_abort)
+        .max_concurrent_tasks(l.limit as usize);
+    let handle = layer.handle();
+    let probes: Arc<Vec<Arc<Probe>>> =
+        Arc::new(l.requests.iter().map(|_| Arc::default()).collect());
+    let gauge: Arc<Gauge> = Arc::default();
+
+    let requests = Arc::new(l.requests.clone());
+    let (handler_probes, handler_gauge) = (Arc::clone(&probes), Arc::clone(&gauge));
+    let svc = layer.layer(service_fn(move |req: Request<()>| {
+        let tasks = req.extensions().get::<BackgroundTasks>().unwrap().clone();
+        let r: usize = req.uri().path()[1..].parse().unwrap();
+        let request = requests[r].clone();
+        let probe = Arc::clone(&handler_probes[r]);
+        let gauge = Arc::clone(&handler_gauge);
+        async move {
+            let expected = request.plan.outcome();
+            for (i, &task) in request.tasks.iter().enumerate() {
+                add_load_task(&tasks, format!("r{r}t{i}"), task, expected, &probe, &gauge);
+            }
+            tokio::task::yield_now().await;
+            if request.plan == Plan::ServiceError {
+                return Err(std::io::Error::other("handler failed"));
+            }
+            let frames = vec![Piece::Data; request.plan.frames().into()];
+            Ok(Response::new(ScriptBody::new(frames, false, false, &probe)))
+        }
+    }));
+
+    let mut set = tokio::task::JoinSet::new();
+    for (r, request) in l.requests.iter().enumerate() {
+        let svc = svc.clone();
+        let probe = Arc::clone(&probes[r]);
+        let plan = request.plan;
+        set.spawn(async move {
+            let method = match plan {
+                Plan::Unpolled { head: true } => Method::HEAD,
+                _ => Method::GET,
+            };
+            let req = Request::builder()
+                .method(method)
+                .uri(format!("/{r}"))
+                .body(())
+                .unwrap();
+            let Ok(res) = svc.oneshot(req).await else {
+                return;
+            };
+            let mut body = res.into_body();
+            let polls = match plan {
+                Plan::Read(frames) => usize::from(frames) + 1,
+                Plan::Cut { after, .. } => after.into(),
+                Plan::Unpolled { .. } | Plan::ServiceError => 0,
+            };
+            for _ in 0..polls {
+                tokio::task::yield_now().await;
+                if body.frame().await.is_none() {
+                    break;
+                }
+            }
+            probe.let_go.store(true, SeqCst);
+            drop(body);
+        });
+    }
+    tokio::time::timeout(LIMIT, async {
+        while let Some(joined) = set.join_next().await {
+            joined.expect("a request driver panicked");
+        }
+    })
+    .await
+    .expect("every request is driven to its end");
+    tokio::time::timeout(LIMIT, handle.wait_idle())
+        .await
+        .expect("wait_idle resolves once every task has ended");
+    LoadObserved {
+        entered: probes
+            .iter()
+            .map(|p| p.entered.lock().unwrap().clone())
+            .collect(),
+        faults: probes
+            .iter()
+            .flat_map(|p| p.faults.lock().unwrap().clone())
+            .collect(),
+        peak: gauge.peak.load(SeqCst),
+        holding: gauge.running.load(SeqCst),
+        stats: handle.stats(),
+    }
+}
+
+fn run_load(l: &Load) -> Result<(), TestCaseError> {
+    silence_deliberate_panics();
+    let rt = runtime(l.multi_thread);
+    let o = rt.block_on(drive_load(l));
+    rt.shutdown_background();
+    let ctx = format!(
+        "\nentered: {:?}\nfaults: {:?}\npeak: {}\nstats: {:?}",
+        o.entered, o.faults, o.peak, o.stats
+    );
+    check_load(l, &o).map_err(|e| TestCaseError::fail(format!("{e}{ctx}")))
+}
+
+fn check_load(l: &Load, o: &LoadObserved) -> Result<(), TestCaseError> {
+    let st = &o.stats;
+    prop_assert!(
+        o.peak <= l.limit as usize,
+        "max_concurrent_tasks({}) exceeded: {} tasks ran at once",
+        l.limit,
+        o.peak
+    );
+    prop_assert!(o.faults.is_empty(), "tasks saw contract violations");
+    prop_assert_eq!(o.holding, 0, "idle, yet a task still runs");
+    prop_assert_eq!((st.pending, st.running), (0, 0), "idle at the end");
+    prop_assert_eq!(
+        (st.cancelled, st.timed_out),
+        (0, 0),
+        "no shutdown, no timeout"
+    );
+
+    let mut want = [0u64; 4]; // completed, failed, panicked, discarded
+    let mut added = 0;
+    for (r, request) in l.requests.iter().enumerate() {
+        let outcome = request.plan.outcome();
+        let mut expected = Vec::new();
+        for (i, &(kind, work)) in request.tasks.iter().enumerate() {
+            added += 1;
+            if !runs(kind, outcome, l.run_on_abort) {
+                want[3] += 1;
+                continue;
+            }
+            expected.push(format!("r{r}t{i}"));
+            want[match work {
+                Work::Ok | Work::Sleep(_) => 0,
+                Work::Err => 1,
+                Work::Panic => 2,
+            }] += 1;
+        }
+        let mut got = o.entered[r].clone();
+        got.sort();
+        expected.sort();
+        prop_assert_eq!(
+            got,
+            expected,
+            "request {}: the tasks that ran, once each",
+            r
+        );
+        if l.execution == Execution::Sequential {
+            let mut order = o.entered[r].clone();
+            order.sort_by_key(|e| e.rsplit('t').next().unwrap().parse::<usize>().unwrap());
+            prop_assert_eq!(&order, &o.entered[r], "request {}: sequential order", r);
+        }
+    }
+    prop_assert_eq!(
+        [st.completed, st.failed, st.panicked, st.discarded],
+        want,
+        "completed/failed/panicked/discarded"
+    );
+    prop_assert_eq!(st.total(), added, "every task is counted exactly once");
+    Ok(())
+}
+
+// ---------------------------------------------------------------- the runs
+
 fn cases() -> u32 {
     std::env::var("PROPTEST_CASES")
         .ok()
@@ -879,6 +1537,19 @@ proptest! {
     #[test]
     fn every_task_runs_once_or_is_counted(s in scenario()) {
         run_case(&s)?;
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: cases().div_ceil(2),
+        max_shrink_iters: 2000,
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn concurrency_limit_holds_across_requests(l in load()) {
+        run_load(&l)?;
     }
 }
 
@@ -909,15 +1580,43 @@ fn base(reply: Reply, tasks: Vec<TaskSpec>) -> Scenario {
     }
 }
 
-fn streamed(data: u8, polls: Option<u8>) -> Reply {
+fn body(data: u8, end: End, polls: Option<u8>) -> Reply {
     Reply::Body {
         data,
-        end: End::Clean,
+        end,
         eos_hint: false,
         exact: false,
+        content_length: false,
         polls,
-        server_error: false,
+        ignore_eos: false,
+        status: Status::Ok,
+        head: false,
     }
+}
+
+fn streamed(data: u8, polls: Option<u8>) -> Reply {
+    body(data, End::Clean, polls)
+}
+
+/// Plain and `add_with` tasks, with `run_on_abort(false)`: the plain task
+/// runs only if the response was delivered, and the `add_with` task records
+/// the outcome, which the model checks.
+fn outcome_probe(reply: Reply) -> Scenario {
+    let mut s = base(
+        reply,
+        vec![
+            t(Kind::Add, Behave::Ok, None),
+            t(Kind::With, Behave::Ok, None),
+        ],
+    );
+    s.run_on_abort = false;
+    s
+}
+
+fn expect_outcome(s: &Scenario, want: Outcome) {
+    let m = Model::new(s);
+    assert_eq!(m.completion.map(|c| c.1), Some(want), "the model: {s:?}");
+    fixed(s.clone());
 }
 
 #[test]
@@ -971,8 +1670,11 @@ fn model_concurrent_with_limit_and_late_adds() {
             end: End::Trailers,
             eos_hint: true,
             exact: true,
+            content_length: true,
             polls: None,
-            server_error: true,
+            ignore_eos: false,
+            status: Status::ServerError,
+            head: false,
         },
         vec![
             t(Kind::Add, Behave::Slow, None),
@@ -1006,14 +1708,7 @@ fn model_no_response_discards() {
 #[test]
 fn model_body_error_without_run_on_abort() {
     let mut s = base(
-        Reply::Body {
-            data: 0,
-            end: End::Error,
-            eos_hint: false,
-            exact: false,
-            polls: None,
-            server_error: false,
-        },
+        body(0, End::Error, None),
         vec![t(Kind::Add, Behave::Ok, None)],
     );
     s.run_on_abort = false;
@@ -1036,4 +1731,160 @@ fn model_late_add_and_drop_off_the_runtime() {
     );
     s.off_runtime = true;
     fixed(s);
+}
+
+/// Semantics rows 1 and 4: a body dropped unpolled that had something to
+/// send (even an empty one that does not say so) was aborted, so
+/// `run_on_abort(false)` discards the plain task.
+#[test]
+fn model_unpolled_body_with_something_to_send_is_aborted() {
+    for data in [0, 3] {
+        for end in [End::Clean, End::Trailers] {
+            expect_outcome(&outcome_probe(body(data, end, Some(0))), Outcome::Aborted);
+        }
+    }
+    // A Content-Length is not a size_hint: unpolled, it was aborted.
+    let mut reply = body(0, End::Clean, Some(0));
+    if let Reply::Body { content_length, .. } = &mut reply {
+        *content_length = true;
+    }
+    expect_outcome(&outcome_probe(reply), Outcome::Aborted);
+}
+
+/// Semantics rows 1 and 4: a body dropped unpolled with nothing to send is
+/// `NoBody`, and its plain tasks run even with `run_on_abort(false)`.
+#[test]
+fn model_unpolled_body_with_nothing_to_send_is_no_body() {
+    let unpolled = || body(2, End::Clean, Some(0));
+    let mut cases = Vec::new();
+    for code in [Status::EarlyHints, Status::NoContent, Status::NotModified] {
+        let mut reply = unpolled();
+        if let Reply::Body { status, .. } = &mut reply {
+            *status = code;
+        }
+        cases.push(reply);
+    }
+    let mut head = unpolled();
+    if let Reply::Body { head: h, .. } = &mut head {
+        *h = true;
+    }
+    cases.push(head);
+    // An exact size of 0 (with trailers to send, even).
+    let mut empty = body(0, End::Trailers, Some(0));
+    if let Reply::Body { exact, .. } = &mut empty {
+        *exact = true;
+    }
+    cases.push(empty);
+    // Reports its end before any poll: the driver never polls it.
+    let mut ended = body(0, End::Clean, None);
+    if let Reply::Body { eos_hint, .. } = &mut ended {
+        *eos_hint = true;
+    }
+    cases.push(ended);
+    for reply in cases {
+        expect_outcome(&outcome_probe(reply), Outcome::NoBody);
+    }
+}
+
+/// A body dropped once it has handed over exactly its declared length
+/// (exact size_hint or Content-Length) has finished, even if it was never
+/// polled for its trailers or its `None`.
+#[test]
+fn model_dropped_at_its_declared_length_finished() {
+    for (exact, content_length) in [(true, false), (false, true)] {
+        let reply = Reply::Body {
+            data: 3,
+            end: End::Trailers,
+            eos_hint: false,
+            exact,
+            content_length,
+            polls: Some(3),
+            ignore_eos: false,
+            status: Status::Ok,
+            head: false,
+        };
+        expect_outcome(&outcome_probe(reply), Outcome::Finished);
+    }
+    // One byte short: aborted.
+    let mut reply = body(3, End::Clean, Some(2));
+    if let Reply::Body { content_length, .. } = &mut reply {
+        *content_length = true;
+    }
+    expect_outcome(&outcome_probe(reply), Outcome::Aborted);
+}
+
+/// The timing rule, each way the server lets go: tasks start at the poll
+/// after the trailers, at the drop after a data frame that ends the body,
+/// at the poll after it when the driver ignores `is_end_stream`, at `None`,
+/// and at the drop after an error; never inside the poll that hands over the
+/// last frame (the checkpoint after that poll yields and checks `Stats`).
+#[test]
+fn model_tasks_start_when_the_server_lets_go() {
+    for multi_thread in [false, true] {
+        for (end, eos_hint, ignore_eos) in [
+            (End::Trailers, false, false),
+            (End::Trailers, true, false),
+            (End::Clean, true, false),
+            (End::Clean, true, true),
+            (End::Clean, false, false),
+            (End::Error, false, false),
+        ] {
+            let reply = Reply::Body {
+                data: 2,
+                end,
+                eos_hint,
+                exact: false,
+                content_length: false,
+                polls: None,
+                ignore_eos,
+                status: Status::Ok,
+                head: false,
+            };
+            let mut s = base(
+                reply,
+                vec![
+                    t(Kind::Add, Behave::Ok, None),
+                    t(Kind::Blocking, Behave::Ok, None),
+                    t(Kind::With, Behave::Ok, Some(3)),
+                ],
+            );
+            s.execution = Execution::Concurrent;
+            s.multi_thread = multi_thread;
+            fixed(s);
+        }
+    }
+}
+
+/// The gauge of the concurrency property does see tasks that overlap: with
+/// no limit, three concurrent tasks that wait for each other all run at
+/// once.
+#[test]
+fn gauge_sees_tasks_that_run_at_once() {
+    let rt = runtime(true);
+    let peak = rt.block_on(async {
+        let layer = BackgroundLayer::new().execution(Execution::Concurrent);
+        let handle = layer.handle();
+        let gauge: Arc<Gauge> = Arc::default();
+        let barrier = Arc::new(tokio::sync::Barrier::new(3));
+        let (g, b) = (Arc::clone(&gauge), Arc::clone(&barrier));
+        let svc = layer.layer(service_fn(move |req: Request<()>| {
+            let tasks = req.extensions().get::<BackgroundTasks>().unwrap().clone();
+            for _ in 0..3 {
+                let (g, b) = (Arc::clone(&g), Arc::clone(&b));
+                tasks.add(async move {
+                    let _held = g.hold();
+                    b.wait().await;
+                });
+            }
+            async { Ok::<_, std::io::Error>(Response::new(http_body_util::Empty::<Bytes>::new())) }
+        }));
+        let res = svc.oneshot(Request::new(())).await.unwrap();
+        res.into_body().collect().await.unwrap();
+        tokio::time::timeout(LIMIT, handle.wait_idle())
+            .await
+            .expect("the three tasks meet");
+        gauge.peak.load(SeqCst)
+    });
+    rt.shutdown_background();
+    assert_eq!(peak, 3);
 }
