@@ -17,6 +17,7 @@ use pin_project_lite::pin_project;
 use tokio::task::JoinHandle;
 use tracing::Span;
 
+use crate::config::RunPolicy;
 use crate::registry::Bucket;
 use crate::Completion;
 
@@ -82,6 +83,12 @@ pub(crate) enum Ending {
     /// Stopped or never run: the layer was shut down, or the runtime went
     /// away (an `add_blocking` closure whose join handle was cancelled).
     Cancelled,
+    /// Never ran: its run policy did not allow it for this response.
+    Skipped,
+    /// Never queued: the request had reached `max_tasks_per_request`.
+    Refused,
+    /// Never ran: a newer task of the same name replaced it in its request.
+    Replaced,
 }
 
 impl Ending {
@@ -93,6 +100,9 @@ impl Ending {
             Ending::TimedOut => Bucket::TimedOut,
             Ending::Discarded => Bucket::Discarded,
             Ending::Cancelled => Bucket::Cancelled,
+            Ending::Skipped => Bucket::Skipped,
+            Ending::Refused => Bucket::Refused,
+            Ending::Replaced => Bucket::Replaced,
         }
     }
 }
@@ -122,6 +132,8 @@ pub(crate) trait Job: Send + 'static {
     fn wants_completion(&self) -> bool;
     /// Added with `add_blocking`: runs on the blocking pool.
     fn is_blocking(&self) -> bool;
+    /// Its name and run policy.
+    fn options(&self) -> &Options;
     /// Drives the task; the first call starts it.
     fn poll_run(self: Pin<&mut Self>, cx: &mut Context<'_>, start: &mut Start) -> Poll<Ending>;
 }
@@ -138,21 +150,31 @@ pub(crate) trait Work: Send + 'static {
     ) -> Poll<Ending>;
 }
 
+/// What a handler said about a task besides its work.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Options {
+    pub(crate) name: Option<&'static str>,
+    /// `None`: the layer's default.
+    pub(crate) run_policy: Option<RunPolicy>,
+}
+
 pin_project! {
     /// One queued task: the allocation behind a `Box<dyn Job>`.
     pub(crate) struct Task<W> {
         next: Link,
         span: Span,
+        options: Options,
         #[pin]
         work: W,
     }
 }
 
 impl<W: Work> Task<W> {
-    pub(crate) fn boxed(span: Span, work: W) -> Box<dyn Job> {
+    pub(crate) fn boxed(span: Span, options: Options, work: W) -> Box<dyn Job> {
         Box::new(Task {
             next: None,
             span,
+            options,
             work,
         })
     }
@@ -169,6 +191,10 @@ impl<W: Work> Job for Task<W> {
 
     fn wants_completion(&self) -> bool {
         W::WANTS_COMPLETION
+    }
+
+    fn options(&self) -> &Options {
+        &self.options
     }
 
     fn is_blocking(&self) -> bool {
@@ -419,20 +445,20 @@ impl TaskList {
         out
     }
 
-    /// Removes the tasks that do not want a completion (`add` and
-    /// `add_blocking`), keeping the order of the others. Returns the removed.
-    pub(crate) fn split_off_plain(&mut self) -> TaskList {
+    /// Removes the tasks for which `keep` says no, keeping the order of the
+    /// others. Returns the removed, in their order.
+    pub(crate) fn remove_where(&mut self, mut remove: impl FnMut(&dyn Job) -> bool) -> TaskList {
         let mut kept = TaskList::default();
-        let mut plain = TaskList::default();
+        let mut removed = TaskList::default();
         while let Some(job) = self.pop() {
-            if job.wants_completion() {
-                kept.push(job);
+            if remove(&*job) {
+                removed.push(job);
             } else {
-                plain.push(job);
+                kept.push(job);
             }
         }
         *self = kept.reversed();
-        plain
+        removed.reversed()
     }
 }
 

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tower_layer::Layer;
 
-use crate::config::{Config, Execution};
+use crate::config::{Config, Execution, RunPolicy};
 use crate::limit::Limit;
 use crate::registry::Registry;
 use crate::request::Shared;
@@ -146,6 +146,90 @@ impl BackgroundLayer {
         self
     }
 
+    /// When tasks run, given how their response ended (default
+    /// [`RunPolicy::OnSuccess`]: after a 1xx, 2xx or 3xx status). A task can
+    /// choose its own with [`TaskOptions::run_policy`](crate::TaskOptions::run_policy).
+    /// Tasks skipped by their policy are counted in
+    /// [`Stats::skipped`](crate::Stats::skipped) and logged at debug level.
+    ///
+    /// [`run_on_abort(false)`](Self::run_on_abort) still applies on top of
+    /// the policy: a task the policy allows is discarded if the body was
+    /// aborted and the layer does not run tasks on abort.
+    ///
+    /// ```
+    /// # use tower_background::{BackgroundLayer, RunPolicy};
+    /// // Version 0.1's behaviour: every response runs its tasks.
+    /// let layer = BackgroundLayer::new().run_policy(RunPolicy::Always);
+    /// # let _ = layer;
+    /// ```
+    pub fn run_policy(mut self, policy: RunPolicy) -> Self {
+        self.config.run_policy = policy;
+        self
+    }
+
+    /// Refuses the tasks a request adds beyond its first `limit` (default:
+    /// no cap), so that a handler bug or hostile input cannot allocate
+    /// without end. A refused task is dropped at once, counted in
+    /// [`Stats::refused`](crate::Stats::refused), and the first refusal of
+    /// each request is logged at warn level.
+    ///
+    /// # Panics
+    ///
+    /// If `limit` is zero, which would refuse every task: to run none, do
+    /// not add the layer.
+    ///
+    /// ```
+    /// # use tower_background::BackgroundLayer;
+    /// let layer = BackgroundLayer::new().max_tasks_per_request(100);
+    /// # let _ = layer;
+    /// ```
+    pub fn max_tasks_per_request(mut self, limit: usize) -> Self {
+        assert!(
+            limit > 0,
+            "BackgroundLayer::max_tasks_per_request: the limit must be at least 1 \
+             (0 would refuse every task); for no cap, do not call max_tasks_per_request"
+        );
+        self.config.per_request = Some(limit);
+        self
+    }
+
+    /// Bounds the layer's pending tasks (added and not started) with tower's
+    /// backpressure (default: no bound). While `limit` tasks are pending,
+    /// [`BackgroundService::poll_ready`](tower_service::Service::poll_ready)
+    /// reports not ready, and it is woken as pending tasks start or end.
+    ///
+    /// Without anything else, requests then wait for room. With
+    /// `tower::load_shed::LoadShedLayer` outside this layer (in axum, behind
+    /// a `HandleErrorLayer`), they are refused at once with the error your
+    /// handler turns into a 503. Requests already being handled can still
+    /// add tasks, so the bound on memory is `limit` plus what the requests in
+    /// flight add: cap that with
+    /// [`max_tasks_per_request`](Self::max_tasks_per_request).
+    ///
+    /// The first service made from a layer clone with this setting fixes the
+    /// bound for every clone (they share one registry).
+    ///
+    /// # Panics
+    ///
+    /// If `limit` is zero, which would never take a request.
+    ///
+    /// ```
+    /// # use tower_background::BackgroundLayer;
+    /// let layer = BackgroundLayer::new()
+    ///     .max_pending_tasks(10_000)
+    ///     .max_tasks_per_request(100);
+    /// # let _ = layer;
+    /// ```
+    pub fn max_pending_tasks(mut self, limit: usize) -> Self {
+        assert!(
+            limit > 0,
+            "BackgroundLayer::max_pending_tasks: the limit must be at least 1 \
+             (0 would never take a request); for no bound, do not call max_pending_tasks"
+        );
+        self.config.max_pending = Some(limit);
+        self
+    }
+
     /// A handle on this layer's tasks: [`stats`](BackgroundHandle::stats),
     /// [`wait_idle`](BackgroundHandle::wait_idle) and
     /// [`shutdown`](BackgroundHandle::shutdown).
@@ -166,6 +250,9 @@ impl<S> Layer<S> for BackgroundLayer {
     type Service = BackgroundService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
+        if let Some(limit) = self.config.max_pending {
+            self.registry.set_backlog(limit);
+        }
         let shared = Shared::new(self.config.clone(), Arc::clone(&self.registry));
         BackgroundService::from_shared(inner, shared)
     }
@@ -193,6 +280,9 @@ impl std::fmt::Debug for BackgroundLayer {
                 &self.config.limit.as_ref().map(|limit| limit.max()),
             )
             .field("run_on_abort", &self.config.run_on_abort)
+            .field("run_policy", &self.config.run_policy)
+            .field("max_tasks_per_request", &self.config.per_request)
+            .field("max_pending_tasks", &self.config.max_pending)
             .field("stats", &self.handle().stats())
             .finish()
     }

@@ -185,7 +185,7 @@ mod tasks;
 
 pub use body::BackgroundBody;
 pub use completion::{Completion, Outcome};
-pub use config::Execution;
+pub use config::{Execution, RunPolicy};
 #[cfg(feature = "axum")]
 #[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
 pub use extract::MissingBackgroundLayer;
@@ -194,7 +194,7 @@ pub use job::TaskOutput;
 pub use layer::BackgroundLayer;
 pub use registry::Stats;
 pub use service::{BackgroundService, ResponseFuture};
-pub use tasks::BackgroundTasks;
+pub use tasks::{BackgroundTasks, TaskOptions};
 
 // The README's snippets are compiled and run as doctests.
 #[cfg(all(doctest, feature = "axum"))]

@@ -20,9 +20,10 @@
 //! A task's path: `admit` (add) → `start` (its first poll) → `end` (bucket),
 //! or `admit` → `end` without a start (discarded or cancelled while pending).
 
+use std::collections::VecDeque;
 use std::pin::pin;
 use std::sync::atomic::Ordering::SeqCst;
-use std::sync::PoisonError;
+use std::sync::{OnceLock, PoisonError};
 use std::task::Waker;
 
 use tokio::sync::Notify;
@@ -32,7 +33,7 @@ use crate::sync::{AtomicBool, AtomicU64, AtomicUsize, CachePadded, Mutex};
 /// Counts of a layer's tasks, as returned by
 /// [`BackgroundHandle::stats`](crate::BackgroundHandle::stats).
 ///
-/// `pending` and `running` are the tasks in flight; the other six fields are
+/// `pending` and `running` are the tasks in flight; the other fields are
 /// buckets: every task ends in exactly one of them, once.
 ///
 /// The snapshot is taken without stopping the layer, and it is consistent:
@@ -75,6 +76,18 @@ pub struct Stats {
     /// [`BackgroundHandle::shutdown`](crate::BackgroundHandle::shutdown) (or
     /// because the tokio runtime they were to run on went away).
     pub cancelled: u64,
+    /// Never run because their [`RunPolicy`](crate::RunPolicy) did not allow
+    /// it for their response (by default: a 4xx or 5xx status).
+    pub skipped: u64,
+    /// Never queued because their request had already added
+    /// [`max_tasks_per_request`](crate::BackgroundLayer::max_tasks_per_request)
+    /// tasks.
+    pub refused: u64,
+    /// Never run because a newer task of the same
+    /// [name](crate::TaskOptions::name) replaced them while they were
+    /// pending in their request, or because the handler took them back with
+    /// [`BackgroundTasks::forget`](crate::BackgroundTasks::forget).
+    pub replaced: u64,
 }
 
 impl Stats {
@@ -96,7 +109,8 @@ impl Stats {
     /// # use tower_background::BackgroundLayer;
     /// let stats = BackgroundLayer::new().handle().stats();
     /// assert_eq!(stats.ended(), stats.completed + stats.failed + stats.panicked
-    ///     + stats.timed_out + stats.discarded + stats.cancelled);
+    ///     + stats.timed_out + stats.discarded + stats.cancelled + stats.skipped
+    ///     + stats.refused + stats.replaced);
     /// ```
     #[must_use]
     pub fn ended(&self) -> u64 {
@@ -106,6 +120,9 @@ impl Stats {
             + self.timed_out
             + self.discarded
             + self.cancelled
+            + self.skipped
+            + self.refused
+            + self.replaced
     }
 
     pub(crate) fn is_idle(&self) -> bool {
@@ -122,6 +139,9 @@ pub(crate) enum Bucket {
     TimedOut,
     Discarded,
     Cancelled,
+    Skipped,
+    Refused,
+    Replaced,
 }
 
 const CLOSED: u64 = 1;
@@ -145,6 +165,11 @@ pub(crate) struct Registry {
     /// Ended without starting.
     discarded: AtomicU64,
     cancelled_pending: AtomicU64,
+    skipped: AtomicU64,
+    refused: AtomicU64,
+    replaced: AtomicU64,
+    /// `max_pending_tasks`: set once, by the first service made with it.
+    backlog: OnceLock<Backlog>,
     /// How many tasks were in flight when the layer closed; [`OPEN`] before.
     closed_in_flight: AtomicU64,
     /// Read on every poll of a running task: a line of its own.
@@ -170,6 +195,10 @@ impl Default for Registry {
             cancelled_running: AtomicU64::new(0),
             discarded: AtomicU64::new(0),
             cancelled_pending: AtomicU64::new(0),
+            skipped: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            replaced: AtomicU64::new(0),
+            backlog: OnceLock::new(),
             closed_in_flight: AtomicU64::new(OPEN),
             closed: CachePadded(AtomicBool::new(false)),
             idle_waiters: CachePadded(AtomicUsize::new(0)),
@@ -186,6 +215,9 @@ impl Registry {
         let old = self.state.fetch_add(ONE_TASK, SeqCst);
         self.added.fetch_add(1, SeqCst);
         if old & CLOSED == 0 {
+            if let Some(backlog) = self.backlog.get() {
+                backlog.pending.fetch_add(1, SeqCst);
+            }
             return true;
         }
         self.cancelled_pending.fetch_add(1, SeqCst);
@@ -202,7 +234,62 @@ impl Registry {
             return false;
         }
         self.started.fetch_add(1, SeqCst);
+        self.unpend(1);
         true
+    }
+
+    /// Counts `n` tasks out of the backlog of `max_pending_tasks`, and wakes
+    /// the services waiting for room.
+    fn unpend(&self, n: u64) {
+        if let Some(backlog) = self.backlog.get() {
+            let before = backlog.pending.fetch_sub(n as usize, SeqCst);
+            if before >= backlog.limit && before - (n as usize) < backlog.limit {
+                backlog.wake();
+            }
+        }
+    }
+
+    /// Sets the bound of `max_pending_tasks` (the first setting wins).
+    pub(crate) fn set_backlog(&self, limit: usize) {
+        let _ = self.backlog.set(Backlog {
+            limit,
+            pending: AtomicUsize::new(0),
+            waiters: Mutex::new(VecDeque::new()),
+        });
+    }
+
+    /// Whether a service may take a request: `Pending` while
+    /// `max_pending_tasks` tasks are pending (woken when one starts or ends).
+    pub(crate) fn poll_room(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        let Some(backlog) = self.backlog.get() else {
+            return std::task::Poll::Ready(());
+        };
+        let full = || backlog.pending.load(SeqCst) >= backlog.limit && !self.is_closed();
+        if !full() {
+            return std::task::Poll::Ready(());
+        }
+        let mut waiters = backlog
+            .waiters
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
+            // `LoadShed` polls once per request and never again: bound what
+            // such callers leave behind by waking the oldest (it polls again
+            // if it still waits).
+            if waiters.len() == MAX_BACKLOG_WAITERS {
+                if let Some(oldest) = waiters.pop_front() {
+                    oldest.wake();
+                }
+            }
+            waiters.push_back(cx.waker().clone());
+        }
+        drop(waiters);
+        // Checked again after registering: a start in between wakes us.
+        if full() {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
     }
 
     /// Ends a task that started, in `bucket`. Returns `false` if the close
@@ -214,8 +301,10 @@ impl Registry {
             Bucket::Panicked => &self.panicked,
             Bucket::TimedOut => &self.timed_out,
             Bucket::Cancelled => &self.cancelled_running,
-            // A started task is never discarded.
-            Bucket::Discarded => &self.discarded,
+            // A started task ends in none of these.
+            Bucket::Discarded | Bucket::Skipped | Bucket::Refused | Bucket::Replaced => {
+                &self.discarded
+            }
         };
         self.leave_into(1, counter)
     }
@@ -228,14 +317,19 @@ impl Registry {
         }
         let counter = match bucket {
             Bucket::Discarded => &self.discarded,
+            Bucket::Skipped => &self.skipped,
+            Bucket::Refused => &self.refused,
+            Bucket::Replaced => &self.replaced,
             _ => &self.cancelled_pending,
         };
+        self.unpend(n);
         self.leave_into(n, counter)
     }
 
     /// Removes `n` tasks that the close already counted.
     pub(crate) fn leave(&self, n: u64) {
         if n > 0 {
+            self.unpend(n);
             self.state.fetch_sub(n * ONE_TASK, SeqCst);
             self.settle();
         }
@@ -294,6 +388,9 @@ impl Registry {
             waker.wake_by_ref();
         }
         drop(wakers);
+        if let Some(backlog) = self.backlog.get() {
+            backlog.wake();
+        }
         self.settle();
     }
 
@@ -348,6 +445,9 @@ impl Registry {
         let cancelled_running = read(&self.cancelled_running);
         let discarded = read(&self.discarded);
         let cancelled_pending = read(&self.cancelled_pending);
+        let skipped = read(&self.skipped);
+        let refused = read(&self.refused);
+        let replaced = read(&self.replaced);
         let started = read(&self.started);
         let added = read(&self.added);
 
@@ -361,10 +461,14 @@ impl Registry {
             timed_out,
             discarded,
             cancelled: cancelled_running + cancelled_pending,
+            skipped,
+            refused,
+            replaced,
         };
         if closed_in_flight == OPEN {
+            let never_started = discarded + cancelled_pending + skipped + refused + replaced;
             stats.running = started.saturating_sub(ran);
-            stats.pending = added.saturating_sub(started + discarded + cancelled_pending);
+            stats.pending = added.saturating_sub(started + never_started);
         } else {
             // Everything in flight at the close is cancelled; what remains is
             // a task between its end and its bucket.
@@ -411,6 +515,27 @@ impl<'a> IdleWaiter<'a> {
 impl Drop for IdleWaiter<'_> {
     fn drop(&mut self) {
         self.0.idle_waiters.fetch_sub(1, SeqCst);
+    }
+}
+
+/// The bound of `max_pending_tasks` and the services waiting for room.
+#[derive(Debug)]
+struct Backlog {
+    limit: usize,
+    pending: AtomicUsize,
+    waiters: Mutex<VecDeque<Waker>>,
+}
+
+/// How many wakers of services waiting for room are kept at most.
+const MAX_BACKLOG_WAITERS: usize = 1024;
+
+impl Backlog {
+    fn wake(&self) {
+        let waiters =
+            std::mem::take(&mut *self.waiters.lock().unwrap_or_else(PoisonError::into_inner));
+        for waker in waiters {
+            waker.wake();
+        }
     }
 }
 

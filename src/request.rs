@@ -182,6 +182,10 @@ struct QueueState {
     /// The drain token is held: by a runner that takes the next tasks, or by
     /// the request's entry in the FIFO of the layer's limit.
     drainer: bool,
+    /// Tasks accepted so far, for `max_tasks_per_request`.
+    added: usize,
+    /// A task was refused (warned about once per request).
+    refused: bool,
 }
 
 impl RequestQueue {
@@ -220,19 +224,21 @@ impl RequestQueue {
     }
 
     /// The span of a new task: a root that follows from the current span.
-    pub(crate) fn span(&self) -> Span {
+    pub(crate) fn span(&self, name: Option<&'static str>) -> Span {
         let span = match &self.request {
             Some(r) => tracing::info_span!(
                 parent: None,
                 "background_task",
                 method = %r.method,
                 path = r.uri.path(),
+                task = name,
             ),
             None => tracing::info_span!(
                 parent: None,
                 "background_task",
                 method = tracing::field::Empty,
                 path = tracing::field::Empty,
+                task = name,
             ),
         };
         if !span.is_disabled() {
@@ -262,6 +268,26 @@ impl RequestQueue {
             drop_guarded(job);
             return;
         }
+        if let Some(cap) = self.shared.config.per_request {
+            if state.added >= cap {
+                let first = !std::mem::replace(&mut state.refused, true);
+                drop(state);
+                if registry.admit() {
+                    registry.end_unstarted(1, Ending::Refused.bucket());
+                }
+                if first {
+                    job.span().in_scope(|| {
+                        tracing::warn!(
+                            max_tasks_per_request = cap,
+                            "background task refused: the request reached max_tasks_per_request \
+                             (further refusals of this request are counted, not logged)"
+                        )
+                    });
+                }
+                drop_guarded(job);
+                return;
+            }
+        }
         if !registry.admit() {
             drop(state);
             job.span()
@@ -269,11 +295,31 @@ impl RequestQueue {
             drop_guarded(job);
             return;
         }
+        state.added += 1;
+        let replaced = match job.options().name {
+            Some(name) => state
+                .waiting
+                .remove_where(|old| old.options().name == Some(name)),
+            None => TaskList::default(),
+        };
         self.not_started.fetch_add(1, Ordering::AcqRel);
         state.waiting.push(job);
-        if let Phase::Started(completion) = phase {
-            self.dispatch(state, completion);
+        match phase {
+            Phase::Started(completion) => self.dispatch(state, completion),
+            _ => drop(state),
         }
+        if self.forget(replaced, Ending::Replaced) > 0 {
+            tracing::debug!("background task replaced by a newer task of the same name");
+        }
+    }
+
+    /// Takes back the pending tasks named `name`. Returns how many.
+    pub(crate) fn forget_named(&self, name: &'static str) -> usize {
+        let removed = self
+            .lock()
+            .waiting
+            .remove_where(|job| job.options().name == Some(name));
+        self.forget(removed, Ending::Replaced)
     }
 
     /// The response body ended (or was dropped) as `completion` says.
@@ -329,11 +375,30 @@ impl RequestQueue {
             self.forget(waiting, Ending::Cancelled);
             return;
         }
-        let dropped = if !config.run_on_abort && !completion.outcome().is_delivered() {
-            state.waiting.split_off_plain()
+        // Tasks added with `add_with` always run: they see the completion.
+        let default = config.run_policy;
+        let (status, outcome) = (completion.status(), completion.outcome());
+        let skipped = state.waiting.remove_where(|job| {
+            !job.wants_completion()
+                && !job
+                    .options()
+                    .run_policy
+                    .unwrap_or(default)
+                    .allows(status, outcome)
+        });
+        let dropped = if !config.run_on_abort && !outcome.is_delivered() {
+            state.waiting.remove_where(|job| !job.wants_completion())
         } else {
             TaskList::default()
         };
+        if !skipped.is_empty() {
+            let n = self.forget(skipped, Ending::Skipped);
+            tracing::debug!(
+                tasks = n,
+                status = status.as_u16(),
+                "background tasks skipped: their run policy does not run them after this response"
+            );
+        }
         let mut batch = None;
         if !state.waiting.is_empty() && !state.drainer {
             state.drainer = true;
@@ -725,6 +790,9 @@ fn log(job: &dyn Job, ending: Ending, counted: bool, timeout: Option<std::time::
             tracing::warn!("background task cancelled: the runtime is shutting down")
         }
         Ending::Discarded => tracing::warn!("background task discarded"),
+        Ending::Skipped | Ending::Refused | Ending::Replaced => {
+            tracing::debug!("background task did not run")
+        }
     });
 }
 

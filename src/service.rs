@@ -118,6 +118,8 @@ where
 
     #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // Backpressure of `max_pending_tasks` (a load of a `OnceLock` without it).
+        ready!(self.shared.registry.poll_room(cx));
         self.inner.poll_ready(cx)
     }
 

@@ -5,7 +5,8 @@ use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
 
-use crate::job::{BlockingWork, FutureWork, Task, TaskOutput, WithCompletion};
+use crate::config::RunPolicy;
+use crate::job::{BlockingWork, FutureWork, Options, Task, TaskOutput, WithCompletion};
 use crate::request::RequestQueue;
 use crate::Completion;
 
@@ -69,8 +70,7 @@ impl BackgroundTasks {
         F: Future + Send + 'static,
         F::Output: TaskOutput,
     {
-        self.queue
-            .add(Task::boxed(self.queue.span(), FutureWork::new(task)));
+        self.options().add(task);
     }
 
     /// Queues a synchronous closure to run on tokio's blocking pool after the
@@ -94,8 +94,7 @@ impl BackgroundTasks {
         F: FnOnce() -> R + Send + 'static,
         R: TaskOutput,
     {
-        self.queue
-            .add(Task::boxed(self.queue.span(), BlockingWork::new(task)));
+        self.options().add_blocking(task);
     }
 
     /// Queues a task that learns how the response ended.
@@ -129,8 +128,62 @@ impl BackgroundTasks {
         Fut: Future + Send + 'static,
         Fut::Output: TaskOutput,
     {
-        self.queue
-            .add(Task::boxed(self.queue.span(), WithCompletion::new(task)));
+        self.options().add_with(task);
+    }
+
+    /// Options for the next task: a [name](TaskOptions::name), a
+    /// [run policy](TaskOptions::run_policy).
+    ///
+    /// ```
+    /// # use tower_background::{BackgroundTasks, RunPolicy};
+    /// # fn f(tasks: &BackgroundTasks) {
+    /// tasks
+    ///     .options()
+    ///     .name("audit-log")
+    ///     .run_policy(RunPolicy::Always) // also after a 4xx or 5xx response
+    ///     .add(async { /* write the audit record */ });
+    /// # }
+    /// ```
+    pub fn options(&self) -> TaskOptions<'_> {
+        TaskOptions {
+            tasks: self,
+            options: Options::default(),
+        }
+    }
+
+    /// Options for the next task, starting with its name: the same as
+    /// `options().name(name)`.
+    ///
+    /// A task added with a name replaces the request's pending task of the
+    /// same name (the last one wins), and [`forget`](Self::forget) takes it
+    /// back.
+    ///
+    /// ```
+    /// # use tower_background::BackgroundTasks;
+    /// # fn f(tasks: &BackgroundTasks) {
+    /// tasks.named("refresh-cache").add(async { /* the first refresh */ });
+    /// tasks.named("refresh-cache").add(async { /* replaces it: runs once */ });
+    /// # }
+    /// ```
+    pub fn named(&self, name: &'static str) -> TaskOptions<'_> {
+        self.options().name(name)
+    }
+
+    /// Takes back this request's pending tasks named `name`: they never run,
+    /// and are counted in [`Stats::replaced`](crate::Stats::replaced).
+    /// Returns how many were taken back. A task that has already started, or
+    /// was already handed to the request's runner, is not affected.
+    ///
+    /// ```
+    /// # use tower_background::BackgroundTasks;
+    /// # fn f(tasks: &BackgroundTasks) {
+    /// tasks.named("welcome-email").add(async { /* ... */ });
+    /// // the signup turned out to be a duplicate:
+    /// assert_eq!(tasks.forget("welcome-email"), 1);
+    /// # }
+    /// ```
+    pub fn forget(&self, name: &'static str) -> usize {
+        self.queue.forget_named(name)
     }
 
     /// The number of tasks added to this request and not started yet.
@@ -160,6 +213,95 @@ impl fmt::Debug for BackgroundTasks {
         f.debug_struct("BackgroundTasks")
             .field("len", &self.len())
             .field("phase", &self.queue.phase_name())
+            .finish()
+    }
+}
+
+/// Options for one task, from [`BackgroundTasks::options`] or
+/// [`BackgroundTasks::named`]; it is added by [`add`](Self::add),
+/// [`add_blocking`](Self::add_blocking) or [`add_with`](Self::add_with).
+///
+/// ```
+/// # use tower_background::{BackgroundTasks, RunPolicy};
+/// # fn f(tasks: &BackgroundTasks) {
+/// tasks.named("send-email").run_policy(RunPolicy::OnDelivery).add(async {});
+/// # }
+/// ```
+#[must_use = "a task is added only by `add`, `add_blocking` or `add_with`"]
+pub struct TaskOptions<'a> {
+    tasks: &'a BackgroundTasks,
+    options: Options,
+}
+
+impl TaskOptions<'_> {
+    /// Names the task. The name is a field (`task`) of its `background_task`
+    /// span, so it appears in its failure, timeout and cancellation logs, and
+    /// a named task replaces the request's pending task of the same name.
+    ///
+    /// # Panics
+    ///
+    /// If `name` is empty: leave the task unnamed instead.
+    pub fn name(mut self, name: &'static str) -> Self {
+        assert!(
+            !name.is_empty(),
+            "TaskOptions::name: the name must not be empty; to add an unnamed task, \
+             do not call name"
+        );
+        self.options.name = Some(name);
+        self
+    }
+
+    /// When the task runs, instead of the layer's
+    /// [`run_policy`](crate::BackgroundLayer::run_policy). Ignored by
+    /// [`add_with`](Self::add_with), whose task always runs once a response
+    /// exists.
+    pub fn run_policy(mut self, policy: RunPolicy) -> Self {
+        self.options.run_policy = Some(policy);
+        self
+    }
+
+    /// Queues a future, like [`BackgroundTasks::add`].
+    pub fn add<F>(self, task: F)
+    where
+        F: Future + Send + 'static,
+        F::Output: TaskOutput,
+    {
+        let queue = &self.tasks.queue;
+        let span = queue.span(self.options.name);
+        queue.add(Task::boxed(span, self.options, FutureWork::new(task)));
+    }
+
+    /// Queues a closure for the blocking pool, like
+    /// [`BackgroundTasks::add_blocking`].
+    pub fn add_blocking<F, R>(self, task: F)
+    where
+        F: FnOnce() -> R + Send + 'static,
+        R: TaskOutput,
+    {
+        let queue = &self.tasks.queue;
+        let span = queue.span(self.options.name);
+        queue.add(Task::boxed(span, self.options, BlockingWork::new(task)));
+    }
+
+    /// Queues a task that learns how the response ended, like
+    /// [`BackgroundTasks::add_with`].
+    pub fn add_with<F, Fut>(self, task: F)
+    where
+        F: FnOnce(Completion) -> Fut + Send + 'static,
+        Fut: Future + Send + 'static,
+        Fut::Output: TaskOutput,
+    {
+        let queue = &self.tasks.queue;
+        let span = queue.span(self.options.name);
+        queue.add(Task::boxed(span, self.options, WithCompletion::new(task)));
+    }
+}
+
+impl fmt::Debug for TaskOptions<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TaskOptions")
+            .field("name", &self.options.name)
+            .field("run_policy", &self.options.run_policy)
             .finish()
     }
 }

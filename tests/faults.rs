@@ -302,10 +302,31 @@ async fn a_panicking_handler_discards_its_tasks_and_the_server_goes_on() {
 }
 
 /// `CatchPanicLayer` inside `BackgroundLayer` turns the panic into a 500
-/// response: that is a response, so both tasks run, `add_with` sees 500.
+/// response: by the default run policy the plain task is skipped (a 5xx is
+/// not a success), while the `add_with` task runs and sees the 500.
 #[tokio::test]
-async fn catch_panic_inside_the_layer_turns_the_panic_into_a_response_that_runs_the_tasks() {
+async fn catch_panic_inside_the_layer_turns_the_panic_into_a_500_that_skips_plain_tasks() {
     let layer = BackgroundLayer::new();
+    let handle = layer.handle();
+    let log = Log::default();
+    let svc = ServiceBuilder::new()
+        .layer(layer)
+        .layer(CatchPanicLayer::new())
+        .service(panicky(log.clone()));
+    let server = Server::start(svc).await;
+    let response = read_to_end(send_get(server.addr, "/panic").await).await;
+    assert!(response.starts_with("HTTP/1.1 500"), "{response}");
+    within("the tasks", handle.wait_idle()).await;
+    assert_eq!(log.get(), ["with /panic 500"]);
+    let stats = handle.stats();
+    assert_eq!((stats.completed, stats.skipped), (1, 1), "{stats:?}");
+    server.graceful_shutdown().await;
+}
+
+/// The same with `RunPolicy::Always`: every response runs its tasks.
+#[tokio::test]
+async fn catch_panic_inside_the_layer_runs_every_task_with_run_policy_always() {
+    let layer = BackgroundLayer::new().run_policy(tower_background::RunPolicy::Always);
     let handle = layer.handle();
     let log = Log::default();
     let svc = ServiceBuilder::new()

@@ -1,0 +1,396 @@
+//! The production controls: run policy, task names, the per-request cap and
+//! the bound on pending work (tower backpressure), over `oneshot` and over
+//! real sockets.
+
+mod support;
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::Poll;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use tokio::sync::{oneshot, Notify};
+use tower::{service_fn, Layer, Service, ServiceExt};
+use tower_background::{BackgroundLayer, BackgroundTasks, Completion, Outcome, RunPolicy};
+
+use support::{call, within, Log};
+
+fn status(code: u16) -> Response<Full<Bytes>> {
+    let mut res = Response::new(Full::new(Bytes::from_static(b"body")));
+    *res.status_mut() = StatusCode::from_u16(code).unwrap();
+    res
+}
+
+/// Runs one request answered with `code`, whose handler queues `queue`, and
+/// waits for its tasks.
+async fn after(
+    layer: &BackgroundLayer,
+    code: u16,
+    queue: impl FnOnce(&BackgroundTasks) + Send + 'static,
+) {
+    let handle = layer.handle();
+    let res = call(layer, status(code), queue).await;
+    res.into_body().collect().await.unwrap();
+    within("idle", handle.wait_idle()).await;
+}
+
+// ---------------------------------------------------------------------------
+// Run policy
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn by_default_tasks_run_after_a_success_and_are_skipped_after_4xx_and_5xx() {
+    let layer = BackgroundLayer::new();
+    let handle = layer.handle();
+    let log = Log::default();
+    for code in [101, 200, 204, 302, 400, 404, 422, 500, 503] {
+        let task = log.task(format!("{code}"));
+        after(&layer, code, move |t| t.add(task)).await;
+    }
+    assert_eq!(log.get(), ["101", "200", "204", "302"]);
+    let s = handle.stats();
+    assert_eq!((s.completed, s.skipped, s.total()), (4, 5, 9), "{s:?}");
+}
+
+#[tokio::test]
+async fn run_policy_always_runs_after_any_status() {
+    let layer = BackgroundLayer::new().run_policy(RunPolicy::Always);
+    let log = Log::default();
+    for code in [200, 422, 500] {
+        let task = log.task(format!("{code}"));
+        after(&layer, code, move |t| t.add(task)).await;
+    }
+    assert_eq!(log.get(), ["200", "422", "500"]);
+}
+
+#[tokio::test]
+async fn a_task_s_own_policy_overrides_the_layer_s() {
+    let layer = BackgroundLayer::new();
+    let handle = layer.handle();
+    let log = Log::default();
+    let (audit, email) = (log.task("audit"), log.task("email"));
+    after(&layer, 500, move |t| {
+        t.options().run_policy(RunPolicy::Always).add(audit);
+        t.add(email);
+    })
+    .await;
+    assert_eq!(log.get(), ["audit"]);
+    assert_eq!(handle.stats().skipped, 1);
+}
+
+#[tokio::test]
+async fn on_delivery_runs_only_when_the_body_went_out_whole() {
+    let layer = BackgroundLayer::new();
+    let handle = layer.handle();
+    let log = Log::default();
+    // Delivered, even with a 500.
+    let task = log.task("delivered");
+    after(&layer, 500, move |t| {
+        t.options().run_policy(RunPolicy::OnDelivery).add(task)
+    })
+    .await;
+    // Aborted: the body is dropped unpolled although it has bytes to send.
+    let task = log.task("aborted");
+    let res = call(&layer, status(200), move |t| {
+        t.options().run_policy(RunPolicy::OnDelivery).add(task)
+    })
+    .await;
+    drop(res);
+    within("idle", handle.wait_idle()).await;
+    assert_eq!(log.get(), ["delivered"]);
+    assert_eq!(handle.stats().skipped, 1);
+}
+
+#[tokio::test]
+async fn add_with_tasks_run_whatever_the_policy_and_see_the_status() {
+    let layer = BackgroundLayer::new();
+    let (tx, rx) = oneshot::channel();
+    after(&layer, 422, move |t| {
+        t.options()
+            .run_policy(RunPolicy::OnSuccess)
+            .add_with(move |c: Completion| async move {
+                let _ = tx.send((c.status(), c.outcome()));
+            })
+    })
+    .await;
+    assert_eq!(
+        within("add_with", rx).await.unwrap(),
+        (StatusCode::UNPROCESSABLE_ENTITY, Outcome::Finished)
+    );
+}
+
+#[tokio::test]
+async fn a_late_add_to_a_failed_response_is_skipped_too() {
+    let layer = BackgroundLayer::new();
+    let handle = layer.handle();
+    let slot = Arc::new(std::sync::Mutex::new(None));
+    let s = slot.clone();
+    after(&layer, 500, move |t| *s.lock().unwrap() = Some(t.clone())).await;
+    let log = Log::default();
+    let tasks = slot.lock().unwrap().take().unwrap();
+    tasks.add(log.task("late"));
+    within("idle", handle.wait_idle()).await;
+    assert!(log.get().is_empty());
+    assert_eq!(handle.stats().skipped, 1);
+}
+
+// ---------------------------------------------------------------------------
+// Names
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_named_task_replaces_the_pending_one_of_the_same_name() {
+    let layer = BackgroundLayer::new();
+    let handle = layer.handle();
+    let log = Log::default();
+    let (a, b, c, other) = (
+        log.task("refresh 1"),
+        log.task("refresh 2"),
+        log.task("refresh 3"),
+        log.task("other"),
+    );
+    after(&layer, 200, move |t| {
+        t.named("refresh").add(a);
+        t.add(other);
+        t.named("refresh").add(b);
+        t.named("refresh").add_blocking(move || {
+            futures_lite_block_on(c);
+        });
+    })
+    .await;
+    assert_eq!(
+        log.get(),
+        ["other", "refresh 3"],
+        "the last one wins, in its own place"
+    );
+    let s = handle.stats();
+    assert_eq!((s.completed, s.replaced, s.total()), (2, 2, 4), "{s:?}");
+}
+
+/// Runs a ready future to its end on the calling thread (the log tasks never
+/// wait).
+fn futures_lite_block_on(fut: impl std::future::Future<Output = ()>) {
+    let mut fut = std::pin::pin!(fut);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    assert!(fut.as_mut().poll(&mut cx).is_ready());
+}
+
+#[tokio::test]
+async fn forget_takes_back_a_pending_named_task() {
+    let layer = BackgroundLayer::new();
+    let handle = layer.handle();
+    let log = Log::default();
+    let (email, audit) = (log.task("email"), log.task("audit"));
+    let forgotten = Arc::new(AtomicUsize::new(99));
+    let f = forgotten.clone();
+    after(&layer, 200, move |t| {
+        t.named("welcome-email").add(email);
+        t.add(audit);
+        f.store(t.forget("welcome-email"), Ordering::SeqCst);
+        assert_eq!(t.forget("no-such-task"), 0);
+    })
+    .await;
+    assert_eq!(forgotten.load(Ordering::SeqCst), 1);
+    assert_eq!(log.get(), ["audit"]);
+    assert_eq!(handle.stats().replaced, 1);
+}
+
+#[tokio::test]
+#[should_panic(expected = "TaskOptions::name: the name must not be empty")]
+async fn an_empty_name_is_refused_with_the_fix() {
+    let layer = BackgroundLayer::new();
+    let res = call(&layer, status(200), |t| t.named("").add(async {})).await;
+    drop(res);
+}
+
+#[test]
+#[should_panic(expected = "max_tasks_per_request: the limit must be at least 1")]
+fn a_zero_cap_is_refused_with_the_fix() {
+    let _ = BackgroundLayer::new().max_tasks_per_request(0);
+}
+
+#[test]
+#[should_panic(expected = "max_pending_tasks: the limit must be at least 1")]
+fn a_zero_bound_is_refused_with_the_fix() {
+    let _ = BackgroundLayer::new().max_pending_tasks(0);
+}
+
+// ---------------------------------------------------------------------------
+// The per-request cap
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn tasks_over_the_per_request_cap_are_refused_and_counted() {
+    let layer = BackgroundLayer::new().max_tasks_per_request(3);
+    let handle = layer.handle();
+    let ran = Arc::new(AtomicUsize::new(0));
+    let r = ran.clone();
+    after(&layer, 200, move |t| {
+        for _ in 0..1_000 {
+            let r = r.clone();
+            t.add(async move {
+                r.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+        assert_eq!(t.len(), 3);
+    })
+    .await;
+    assert_eq!(ran.load(Ordering::SeqCst), 3);
+    let s = handle.stats();
+    assert_eq!(
+        (s.completed, s.refused, s.total()),
+        (3, 997, 1_000),
+        "{s:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// The bound on pending work
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn poll_ready_is_pending_while_the_backlog_is_full_and_woken_when_it_drains() {
+    // One task may run at a time and it waits on a gate: the others pend.
+    let layer = BackgroundLayer::new()
+        .max_concurrent_tasks(1)
+        .max_pending_tasks(2);
+    let handle = layer.handle();
+    let gate = Arc::new(Notify::new());
+    let g = gate.clone();
+    let mut svc = layer.layer(service_fn(move |req: Request<()>| {
+        let g = g.clone();
+        req.extensions()
+            .get::<BackgroundTasks>()
+            .unwrap()
+            .add(async move { g.notified().await });
+        std::future::ready(Ok::<_, Infallible>(Response::new(Full::<Bytes>::default())))
+    }));
+    // The first task runs; two more pend.
+    for _ in 0..3 {
+        let res = within("ready", svc.ready())
+            .await
+            .unwrap()
+            .call(Request::new(()))
+            .await;
+        drop(res.unwrap());
+    }
+    tokio::task::yield_now().await;
+    let s = handle.stats();
+    assert_eq!((s.running, s.pending), (1, 2), "{s:?}");
+    // Full: not ready, and woken when a pending task starts.
+    let mut ready = tokio_test_poll(&mut svc);
+    assert!(ready.is_pending());
+    gate.notify_one(); // the running task ends; the next one starts
+    within("room", svc.ready()).await.unwrap();
+    ready = tokio_test_poll(&mut svc);
+    assert!(ready.is_ready());
+    for _ in 0..3 {
+        gate.notify_one();
+        tokio::task::yield_now().await;
+    }
+    gate.notify_waiters();
+    within("idle", async {
+        loop {
+            gate.notify_waiters();
+            if handle.stats().pending + handle.stats().running == 0 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert_eq!(handle.stats().completed, 3);
+}
+
+fn tokio_test_poll<S: Service<Request<()>>>(svc: &mut S) -> Poll<Result<(), S::Error>> {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    svc.poll_ready(&mut cx)
+}
+
+/// axum with `LoadShedLayer` behind `HandleErrorLayer`: a flood over real
+/// sockets gets 503s once the backlog is full, and every accepted task is
+/// counted and runs.
+#[tokio::test]
+async fn an_axum_flood_is_shed_with_503_within_the_bound_and_every_task_counted() {
+    use axum::error_handling::HandleErrorLayer;
+    use axum::routing::post;
+    use axum::{Extension, Router};
+    use tower::ServiceBuilder;
+
+    let layer = BackgroundLayer::new()
+        .max_concurrent_tasks(1)
+        .max_pending_tasks(8)
+        .max_tasks_per_request(1);
+    let handle = layer.handle();
+    let gate = Arc::new(Notify::new());
+    let g = gate.clone();
+    let app = Router::new()
+        .route(
+            "/work",
+            post(move |Extension(tasks): Extension<BackgroundTasks>| {
+                let g = g.clone();
+                async move {
+                    tasks.add(async move { g.notified().await });
+                    tasks.add(async {}); // over the cap: refused
+                    StatusCode::ACCEPTED
+                }
+            }),
+        )
+        .layer(
+            ServiceBuilder::new()
+                .layer(HandleErrorLayer::new(|_: tower::BoxError| async {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }))
+                .layer(tower::load_shed::LoadShedLayer::new())
+                .layer(layer),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    // One request at a time, so the bound is exact: 1 running + 8 pending.
+    let (mut accepted, mut shed) = (0u64, 0u64);
+    for _ in 0..40 {
+        let response = support_post(addr).await;
+        match response.as_str() {
+            s if s.starts_with("HTTP/1.1 202") => accepted += 1,
+            s if s.starts_with("HTTP/1.1 503") => shed += 1,
+            other => panic!("unexpected response: {other}"),
+        }
+    }
+    let s = handle.stats();
+    assert_eq!((accepted, shed), (9, 31), "{s:?}");
+    assert_eq!((s.running, s.pending), (1, 8), "{s:?}");
+    assert_eq!(s.refused, 9, "one refusal per accepted request: {s:?}");
+    // Drain: every accepted task runs.
+    within("drain", async {
+        while handle.stats().completed < accepted {
+            gate.notify_waiters();
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    let s = handle.stats();
+    assert_eq!((s.completed, s.refused, s.total()), (9, 9, 18), "{s:?}");
+    server.abort();
+}
+
+/// Sends one `POST /work` on a new connection and reads the whole answer.
+async fn support_post(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(
+            b"POST /work HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    within("response", stream.read_to_end(&mut buf))
+        .await
+        .unwrap();
+    String::from_utf8(buf).unwrap()
+}
