@@ -463,6 +463,37 @@ async fn abort_a_panicking_drop_at_the_end_of_a_run_and_the_next_task_runs() {
     assert_settled(&handle, 3);
 }
 
+/// `true`: keeps the compiler from seeing a task that never returns.
+fn ran_first() -> bool {
+    std::hint::black_box(true)
+}
+
+/// A task that panics with a payload whose `Drop` panics: the payload is a
+/// value of the task too. The task counts as panicked, the next one runs.
+#[tokio::test]
+#[ignore = "bug: a panic payload that panics in Drop kills the runner: its task and the next are counted as cancelled and never run"]
+async fn abort_a_panic_payload_that_panics_in_drop_and_the_next_task_runs() {
+    let layer = BackgroundLayer::new();
+    let handle = layer.handle();
+    let ran = Arc::new(AtomicUsize::new(0));
+    let r = ran.clone();
+    let res = support::call(&layer, Response::new(body_of("x")), move |tasks| {
+        tasks.add(async {
+            if ran_first() {
+                std::panic::panic_any(PanicOnDrop("panic payload"));
+            }
+        });
+        add_marker(tasks, &r);
+    })
+    .await;
+    drop(res);
+    idle(&handle).await;
+    let s = handle.stats();
+    assert_eq!(ran.load(SeqCst), 1, "the task after the panic ran: {s:?}");
+    assert_eq!((s.panicked, s.completed), (1, 1), "{s:?}");
+    assert_settled(&handle, 2);
+}
+
 #[tokio::test]
 async fn abort_discarded_on_client_reset_with_run_on_abort_false() {
     let layer = BackgroundLayer::new().run_on_abort(false);
@@ -812,6 +843,96 @@ fn lost_count_runtime_dropped_while_requests_wait_for_the_permit_concurrent() {
 #[test]
 fn lost_count_multi_thread_runtime_dropped_while_requests_wait_for_the_permit() {
     lost_count_case(Execution::Sequential, true);
+}
+
+// ---------------------------------------------------------------------------
+// max_concurrent_tasks under churn: never exceeded, nothing lost.
+// ---------------------------------------------------------------------------
+
+async fn limit_under_churn(execution: Execution) {
+    const LIMIT: usize = 3;
+    const REQUESTS: usize = 60;
+    let layer = BackgroundLayer::new()
+        .max_concurrent_tasks(LIMIT)
+        .execution(execution);
+    let handle = layer.handle();
+    let now = Arc::new(AtomicUsize::new(0));
+    let max = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicUsize::new(0));
+    let enter = {
+        let (now, max) = (now.clone(), max.clone());
+        move || {
+            let n = now.fetch_add(1, SeqCst) + 1;
+            max.fetch_max(n, SeqCst);
+        }
+    };
+    let mut calls = Vec::new();
+    for i in 0..REQUESTS {
+        let (enter, now, done) = (enter.clone(), now.clone(), done.clone());
+        let (enter2, now2, done2) = (enter.clone(), now.clone(), done.clone());
+        let layer = layer.clone();
+        calls.push(tokio::spawn(async move {
+            let late = Arc::new(Mutex::new(None));
+            let l = late.clone();
+            let res = support::call(&layer, Response::new(body_of("x")), move |tasks| {
+                for k in 0..4 {
+                    let (enter, now, done) = (enter.clone(), now.clone(), done.clone());
+                    if (i + k) % 3 == 0 {
+                        tasks.add_blocking(move || {
+                            enter();
+                            std::thread::yield_now();
+                            now.fetch_sub(1, SeqCst);
+                            done.fetch_add(1, SeqCst);
+                        });
+                    } else {
+                        tasks.add(async move {
+                            enter();
+                            for _ in 0..(k + i % 4) {
+                                tokio::task::yield_now().await;
+                            }
+                            now.fetch_sub(1, SeqCst);
+                            done.fetch_add(1, SeqCst);
+                        });
+                    }
+                }
+                *l.lock().unwrap() = Some(tasks.clone());
+            })
+            .await;
+            // Read the body to its end, then add one more task late.
+            let _ = res.into_body().collect().await.unwrap();
+            let tasks = late.lock().unwrap().take().unwrap();
+            tasks.add(async move {
+                enter2();
+                tokio::task::yield_now().await;
+                now2.fetch_sub(1, SeqCst);
+                done2.fetch_add(1, SeqCst);
+            });
+        }));
+    }
+    for c in calls {
+        within("a request", c).await.unwrap();
+    }
+    idle(&handle).await;
+    let total = REQUESTS * 5;
+    println!(
+        "{execution:?}: limit {LIMIT}: {} of {total} tasks ran, at most {} at once",
+        done.load(SeqCst),
+        max.load(SeqCst)
+    );
+    assert_eq!(done.load(SeqCst), total);
+    assert!(max.load(SeqCst) <= LIMIT, "the limit was exceeded");
+    assert_eq!(handle.stats().completed, total as u64);
+    assert_settled(&handle, total as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limit_never_exceeded_under_churn_sequential() {
+    limit_under_churn(Execution::Sequential).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limit_never_exceeded_under_churn_concurrent() {
+    limit_under_churn(Execution::Concurrent).await;
 }
 
 // ---------------------------------------------------------------------------
@@ -1222,7 +1343,7 @@ fn latency_handler(with_task: bool, streaming: bool) -> Handler {
 /// same server without the layer. Timing-sensitive: run by hand with
 /// `cargo test --test attack -- --ignored h2_latency --nocapture`.
 #[test]
-#[ignore = "timing: run by hand on a quiet machine"]
+#[ignore = "bug: over HTTP/2 a body that ends with None is held ~40 ms when its handler added a task (timing: run by hand)"]
 fn h2_latency_with_a_task_and_a_busy_core() {
     let busy = Arc::new(AtomicBool::new(true));
     let b = busy.clone();
@@ -1277,4 +1398,113 @@ fn h2_latency_with_a_task_and_a_busy_core() {
 
 fn body_of(s: &'static str) -> Full<Bytes> {
     Full::new(Bytes::from_static(s.as_bytes()))
+}
+
+/// A server for real clients (curl, h2load, Python `h2`), run by hand:
+/// `ATTACK_PORT=3100 ATTACK_SECS=60 cargo test --test attack -- --ignored
+/// manual_server --nocapture`. Port `ATTACK_PORT` has the layer
+/// (`run_on_abort(false)`), `ATTACK_PORT + 1` is the same server without it.
+/// Paths: `/full` (a whole body), `/stream` (one chunk, then the end as
+/// `None`); each adds a plain task and an `add_with` task, whose outcomes
+/// are printed at the end.
+#[test]
+#[ignore = "a server for manual runs of real clients"]
+fn manual_server() {
+    let port: u16 = std::env::var("ATTACK_PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(3100);
+    let secs: u64 = std::env::var("ATTACK_SECS")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(60);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let layer = BackgroundLayer::new().run_on_abort(false);
+    let handle = layer.handle();
+    let tally = Arc::new(Tally::default());
+    let t = tally.clone();
+    let handler: Handler = Arc::new(move |req, tasks| {
+        let streaming = req.uri().path().starts_with("/stream");
+        let h = tally_handler(t.clone(), if streaming { stream_body } else { small_body });
+        h(req, tasks)
+    });
+    rt.block_on(async {
+        for (p, layer) in [(port, Some(&layer)), (port + 1, None)] {
+            let listener = TcpListener::bind(("127.0.0.1", p)).await.unwrap();
+            let handler = handler.clone();
+            let layer = layer.cloned();
+            tokio::spawn(async move {
+                loop {
+                    let Ok((stream, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    let handler = handler.clone();
+                    let builder = auto::Builder::new(TokioExecutor::new());
+                    let layer = layer.clone();
+                    tokio::spawn(async move {
+                        let svc = service_fn(move |req: Request<Incoming>| {
+                            // The bare server answers the same bodies, with no task.
+                            let fut: BoxFut = match req.extensions().get::<BackgroundTasks>() {
+                                Some(tasks) => {
+                                    let tasks = tasks.clone();
+                                    handler(req, tasks)
+                                }
+                                None => {
+                                    let body = if req.uri().path().starts_with("/stream") {
+                                        stream_body()
+                                    } else {
+                                        small_body()
+                                    };
+                                    Box::pin(async move { Response::new(body) })
+                                }
+                            };
+                            async move { Ok::<_, Infallible>(fut.await) }
+                        });
+                        let io = TokioIo::new(stream);
+                        let _ = match layer {
+                            Some(layer) => {
+                                builder
+                                    .serve_connection(
+                                        io,
+                                        TowerToHyperService::new(layer.layer(svc)),
+                                    )
+                                    .await
+                            }
+                            None => {
+                                builder
+                                    .serve_connection(io, TowerToHyperService::new(svc))
+                                    .await
+                            }
+                        };
+                    });
+                }
+            });
+        }
+        println!(
+            "serving on 127.0.0.1:{port} (layer) and :{} (bare) for {secs} s",
+            port + 1
+        );
+        tokio::time::sleep(Duration::from_secs(secs)).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), handle.wait_idle()).await;
+    });
+    let with = tally.with.lock().unwrap().clone();
+    let count = |o| with.iter().filter(|x| **x == o).count();
+    println!(
+        "layer: {} handled, plain tasks run {}, add_with outcomes: {} finished, {} no body, {} aborted, {} body error; {:?}",
+        tally.handled.load(SeqCst),
+        tally.plain.load(SeqCst),
+        count(Outcome::Finished),
+        count(Outcome::NoBody),
+        count(Outcome::Aborted),
+        count(Outcome::BodyError),
+        handle.stats()
+    );
+}
+
+fn stream_body() -> Body {
+    Chunks { left: 1, size: 64 }.boxed()
 }
