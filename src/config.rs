@@ -90,6 +90,10 @@ pub(crate) struct Config {
     pub(crate) per_request: Option<usize>,
     /// `max_pending_tasks`.
     pub(crate) max_pending: Option<usize>,
+    /// `on_task_end`.
+    pub(crate) on_task_end: Option<crate::observe::Hook>,
+    /// `request_time_budget`.
+    pub(crate) budget: Option<Duration>,
 }
 
 impl Default for Config {
@@ -102,6 +106,8 @@ impl Default for Config {
             run_policy: RunPolicy::OnSuccess,
             per_request: None,
             max_pending: None,
+            on_task_end: None,
+            budget: None,
         }
     }
 }

@@ -15,6 +15,7 @@ use crate::Stats;
 /// calls each report their own interval; when they overlap the close they
 /// report the same figures, unless a task ended between their starts.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub struct ShutdownReport {
     /// Tasks that completed successfully while `shutdown` waited.

@@ -118,6 +118,8 @@ pub(crate) struct Start {
     /// blocking work: it takes it along to the blocking pool so that the
     /// limit holds until the closure really returns, even after a timeout.
     pub(crate) permit: Option<OwnedPermit>,
+    /// For blocking work: the closure checks the close before it runs.
+    pub(crate) registry: Option<std::sync::Arc<crate::registry::Registry>>,
 }
 
 pub(crate) type Link = Option<Box<dyn Job>>;
@@ -156,6 +158,8 @@ pub(crate) struct Options {
     pub(crate) name: Option<&'static str>,
     /// `None`: the layer's default.
     pub(crate) run_policy: Option<RunPolicy>,
+    /// When it was added, if task ends are observed.
+    pub(crate) added_at: Option<std::time::Instant>,
 }
 
 pin_project! {
@@ -243,7 +247,9 @@ where
 /// Work added with `add_blocking`: a closure for tokio's blocking pool.
 pub(crate) enum BlockingWork<F> {
     Waiting(Option<F>),
-    Running(JoinHandle<Option<String>>),
+    /// `None` from the closure's thread: the layer closed before it got to
+    /// run, so it did not.
+    Running(JoinHandle<Option<Option<String>>>),
 }
 
 impl<F> BlockingWork<F> {
@@ -278,17 +284,24 @@ where
             };
             let permit = start.permit.take();
             let span = span.clone();
+            let registry = start.registry.clone();
             *this = BlockingWork::Running(tokio::task::spawn_blocking(move || {
                 let _permit = permit;
-                span.in_scope(|| f().into_failure())
+                // It may wait for a thread of the pool: a shutdown meanwhile
+                // counted it as cancelled, so it must not run.
+                if registry.is_some_and(|registry| registry.is_closed()) {
+                    return None;
+                }
+                Some(span.in_scope(|| f().into_failure()))
             }));
         }
         let BlockingWork::Running(handle) = this else {
             unreachable!("blocking work is running once started")
         };
         Poll::Ready(match ready!(Pin::new(handle).poll(cx)) {
-            Ok(None) => Ending::Completed,
-            Ok(Some(error)) => Ending::Failed(error),
+            Ok(None) => Ending::Cancelled,
+            Ok(Some(None)) => Ending::Completed,
+            Ok(Some(Some(error))) => Ending::Failed(error),
             Err(e) if e.is_panic() => Ending::Panicked(panic_message(&*e.into_panic())),
             Err(_) => Ending::Cancelled,
         })
@@ -418,6 +431,11 @@ impl TaskList {
             other.push(job);
         }
         *self = other;
+    }
+
+    /// Puts a task back at the head.
+    pub(crate) fn push_front(&mut self, job: Box<dyn Job>) {
+        self.push(job);
     }
 
     /// Keeps the first `at` tasks and returns the others, in order.

@@ -230,6 +230,72 @@ impl BackgroundLayer {
         self
     }
 
+    /// Limits how long one request's tasks may take in all, counted from the
+    /// start of its first task (default: no limit), like Next.js'
+    /// `maxDuration` or the 30 seconds Cloudflare gives `waitUntil`. The task
+    /// running when the budget is spent is dropped at its next poll and
+    /// counted as [timed out](crate::Stats::timed_out), like with
+    /// [`task_timeout`](Self::task_timeout); the request's tasks that have not
+    /// started by then never run and are counted as timed out too.
+    ///
+    /// With [`Execution::Concurrent`], or for a task added after the
+    /// request's tasks had all ended, the budget runs from the first task of
+    /// the request's current run.
+    ///
+    /// # Panics
+    ///
+    /// If `budget` is zero, which would time out every task.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use tower_background::BackgroundLayer;
+    /// let layer = BackgroundLayer::new().request_time_budget(Duration::from_secs(30));
+    /// # let _ = layer;
+    /// ```
+    pub fn request_time_budget(mut self, budget: Duration) -> Self {
+        assert!(
+            !budget.is_zero(),
+            "BackgroundLayer::request_time_budget: the budget must be greater than zero \
+             (a zero budget would time out every task); for no budget, do not call \
+             request_time_budget"
+        );
+        self.config.budget = Some(budget);
+        self
+    }
+
+    /// Calls `hook` once for every task of the layer when it ends, however
+    /// it ends (including tasks that never ran), with its name, how it ended
+    /// (the error or panic message included), how long it waited and ran,
+    /// and its request's method and path: wire Sentry or your own alerting
+    /// without parsing logs.
+    ///
+    /// The hook runs on the thread where the task ended, right after it was
+    /// counted: keep it short and never block in it. A panic in the hook is
+    /// caught and logged.
+    ///
+    /// ```
+    /// use std::sync::atomic::{AtomicU64, Ordering};
+    /// use std::sync::Arc;
+    /// use tower_background::{BackgroundLayer, TaskOutcome};
+    ///
+    /// let failures = Arc::new(AtomicU64::new(0));
+    /// let seen = failures.clone();
+    /// let layer = BackgroundLayer::new().on_task_end(move |end| {
+    ///     if let TaskOutcome::Failed(error) | TaskOutcome::Panicked(error) = end.outcome {
+    ///         seen.fetch_add(1, Ordering::Relaxed);
+    ///         eprintln!("task {:?} of {:?} failed: {error}", end.name, end.path);
+    ///     }
+    /// });
+    /// # let _ = layer;
+    /// ```
+    pub fn on_task_end<F>(mut self, hook: F) -> Self
+    where
+        F: Fn(&crate::TaskEnd<'_>) + Send + Sync + 'static,
+    {
+        self.config.on_task_end = Some(crate::observe::Hook(Arc::new(hook)));
+        self
+    }
+
     /// A handle on this layer's tasks: [`stats`](BackgroundHandle::stats),
     /// [`wait_idle`](BackgroundHandle::wait_idle) and
     /// [`shutdown`](BackgroundHandle::shutdown).
@@ -283,6 +349,8 @@ impl std::fmt::Debug for BackgroundLayer {
             .field("run_policy", &self.config.run_policy)
             .field("max_tasks_per_request", &self.config.per_request)
             .field("max_pending_tasks", &self.config.max_pending)
+            .field("request_time_budget", &self.config.budget)
+            .field("on_task_end", &self.config.on_task_end.is_some())
             .field("stats", &self.handle().stats())
             .finish()
     }

@@ -53,6 +53,7 @@ use crate::sync::{AtomicBool, AtomicU64, AtomicUsize, CachePadded, Mutex};
 /// assert_eq!(stats.total(), 0);
 /// ```
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub struct Stats {
     /// Added and not started yet: waiting for their response body to finish,
@@ -168,6 +169,8 @@ pub(crate) struct Registry {
     skipped: AtomicU64,
     refused: AtomicU64,
     replaced: AtomicU64,
+    /// Over the request's time budget before they started.
+    timed_out_pending: AtomicU64,
     /// `max_pending_tasks`: set once, by the first service made with it.
     backlog: OnceLock<Backlog>,
     /// How many tasks were in flight when the layer closed; [`OPEN`] before.
@@ -198,6 +201,7 @@ impl Default for Registry {
             skipped: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             replaced: AtomicU64::new(0),
+            timed_out_pending: AtomicU64::new(0),
             backlog: OnceLock::new(),
             closed_in_flight: AtomicU64::new(OPEN),
             closed: CachePadded(AtomicBool::new(false)),
@@ -320,6 +324,7 @@ impl Registry {
             Bucket::Skipped => &self.skipped,
             Bucket::Refused => &self.refused,
             Bucket::Replaced => &self.replaced,
+            Bucket::TimedOut => &self.timed_out_pending,
             _ => &self.cancelled_pending,
         };
         self.unpend(n);
@@ -448,6 +453,7 @@ impl Registry {
         let skipped = read(&self.skipped);
         let refused = read(&self.refused);
         let replaced = read(&self.replaced);
+        let timed_out_pending = read(&self.timed_out_pending);
         let started = read(&self.started);
         let added = read(&self.added);
 
@@ -458,7 +464,7 @@ impl Registry {
             completed,
             failed,
             panicked,
-            timed_out,
+            timed_out: timed_out + timed_out_pending,
             discarded,
             cancelled: cancelled_running + cancelled_pending,
             skipped,
@@ -466,7 +472,8 @@ impl Registry {
             replaced,
         };
         if closed_in_flight == OPEN {
-            let never_started = discarded + cancelled_pending + skipped + refused + replaced;
+            let never_started =
+                discarded + cancelled_pending + skipped + refused + replaced + timed_out_pending;
             stats.running = started.saturating_sub(ran);
             stats.pending = added.saturating_sub(started + never_started);
         } else {

@@ -46,8 +46,9 @@ use tokio::time::{Instant, Sleep};
 use tracing::Span;
 
 use crate::config::{Config, Execution};
-use crate::job::{drop_guarded, panic_message, Ending, Job, Start, TaskList};
+use crate::job::{drop_guarded, panic_message, Ending, Job, Options, Start, TaskList};
 use crate::limit::{Acquired, Parked};
+use crate::observe::{self, TaskEnd, TaskOutcome};
 use crate::registry::{Bucket, Registry};
 use crate::sync::{AtomicU32, AtomicUsize, Mutex, MutexGuard};
 use crate::{Completion, Outcome};
@@ -190,7 +191,10 @@ struct QueueState {
 
 impl RequestQueue {
     pub(crate) fn new<B>(shared: Arc<Shared>, req: &http::Request<B>) -> Self {
-        let request = tracing::level_enabled!(tracing::Level::INFO).then(|| {
+        // The hook sees the method and path; the metrics never label the raw path.
+        let wanted =
+            tracing::level_enabled!(tracing::Level::INFO) || shared.config.on_task_end.is_some();
+        let request = wanted.then(|| {
             Box::new(RequestInfo {
                 method: req.method().clone(),
                 uri: req.uri().clone(),
@@ -257,14 +261,18 @@ impl RequestQueue {
         let phase = decode(self.phase.fetch_or(HAS_TASKS, Ordering::AcqRel));
         if phase == Phase::Discarded {
             drop(state);
-            if registry.admit() {
-                registry.end_unstarted(1, Bucket::Discarded);
-            }
+            let counted = registry.admit() && registry.end_unstarted(1, Bucket::Discarded);
             job.span().in_scope(|| {
                 tracing::warn!(
                     "background task added after its request was discarded; discarding it"
                 )
             });
+            let ending = if counted {
+                Ending::Discarded
+            } else {
+                Ending::Cancelled
+            };
+            self.observe(&*job, &ending, None);
             drop_guarded(job);
             return;
         }
@@ -272,9 +280,13 @@ impl RequestQueue {
             if state.added >= cap {
                 let first = !std::mem::replace(&mut state.refused, true);
                 drop(state);
-                if registry.admit() {
-                    registry.end_unstarted(1, Ending::Refused.bucket());
-                }
+                let counted = registry.admit() && registry.end_unstarted(1, Bucket::Refused);
+                let ending = if counted {
+                    Ending::Refused
+                } else {
+                    Ending::Cancelled
+                };
+                self.observe(&*job, &ending, None);
                 if first {
                     job.span().in_scope(|| {
                         tracing::warn!(
@@ -292,9 +304,11 @@ impl RequestQueue {
             drop(state);
             job.span()
                 .in_scope(|| tracing::warn!("background task added after shutdown; cancelling it"));
+            self.observe(&*job, &Ending::Cancelled, None);
             drop_guarded(job);
             return;
         }
+        observe::added(registry);
         state.added += 1;
         let replaced = match job.options().name {
             Some(name) => state
@@ -351,17 +365,55 @@ impl RequestQueue {
         }
     }
 
-    /// Counts tasks that will never start in `bucket` and drops them.
-    fn forget(&self, tasks: TaskList, ending: Ending) -> usize {
+    /// Counts tasks that will never start as `ending` and drops them.
+    fn forget(&self, mut tasks: TaskList, ending: Ending) -> usize {
         let n = tasks.len();
         if n > 0 {
             self.not_started.fetch_sub(n, Ordering::AcqRel);
-            self.shared
+            let counted = self
+                .shared
                 .registry
                 .end_unstarted(n as u64, ending.bucket());
+            if observe::enabled(&self.shared.config) {
+                let ending = if counted { ending } else { Ending::Cancelled };
+                while let Some(job) = tasks.pop() {
+                    self.observe(&*job, &ending, None);
+                    drop_guarded(job);
+                }
+            }
             drop(tasks); // each drop guarded
         }
         n
+    }
+
+    /// A new task's options, stamped with the time when task ends are
+    /// observed.
+    pub(crate) fn stamp(&self, mut options: Options) -> Options {
+        if observe::enabled(&self.shared.config) {
+            options.added_at = Some(std::time::Instant::now());
+        }
+        options
+    }
+
+    /// Hands a task's end to the `on_task_end` hook and the metrics.
+    fn observe(&self, job: &dyn Job, ending: &Ending, started_at: Option<std::time::Instant>) {
+        let config = &self.shared.config;
+        if !observe::enabled(config) {
+            return;
+        }
+        let ran = started_at.map(|started| started.elapsed());
+        let queued = started_at
+            .zip(job.options().added_at)
+            .map(|(started, added)| started.saturating_duration_since(added));
+        let end = TaskEnd {
+            name: job.options().name,
+            outcome: TaskOutcome::of(ending),
+            queued,
+            ran,
+            method: self.request.as_ref().map(|r| &r.method),
+            path: self.request.as_ref().map(|r| r.uri.path()),
+        };
+        observe::emit(config, &self.shared.registry, &end);
     }
 
     /// With the response ended, decides what runs now, and starts it once
@@ -494,9 +546,14 @@ pub(crate) struct Runner {
     permits: usize,
     /// Registered to be woken by the close: the key and the waker.
     wakeup: Option<(usize, Waker)>,
-    /// The current task's deadline, with a `task_timeout`: allocated once per
-    /// runner and reset for each task.
+    /// The current task's deadline, with a `task_timeout` or a
+    /// `request_time_budget`: allocated once per runner and reset for each
+    /// task.
     deadline: Option<Pin<Box<Sleep>>>,
+    /// When the current task started, if task ends are observed.
+    started_at: Option<std::time::Instant>,
+    /// The end of the request's time budget, once its first task started.
+    budget_end: Option<Instant>,
 }
 
 impl Runner {
@@ -511,6 +568,7 @@ impl Runner {
             start: Start {
                 completion,
                 permit: None,
+                registry: None,
             },
             batch,
             current: None,
@@ -518,6 +576,8 @@ impl Runner {
             permits,
             wakeup: None,
             deadline: None,
+            started_at: None,
+            budget_end: None,
         }
     }
 
@@ -546,24 +606,44 @@ impl Runner {
         let Some(job) = self.batch.pop() else {
             return false;
         };
+        if self.over_budget() {
+            self.batch.push_front(job);
+            return false; // `Drop` counts what is left
+        }
         self.queue.not_started.fetch_sub(1, Ordering::AcqRel);
         if !self.queue.shared.registry.start() {
             // Closed since the check above: the close counted it.
             self.queue.shared.registry.leave(1);
+            self.queue.observe(&*job, &Ending::Cancelled, None);
             drop_guarded(job);
             return false;
+        }
+        if observe::enabled(&self.queue.shared.config) {
+            self.started_at = Some(std::time::Instant::now());
         }
         if self.queue.shared.config.execution == Execution::Concurrent {
             self.hand_over_drain();
         }
         let shared = &*self.queue.shared;
+        if job.is_blocking() && self.start.registry.is_none() {
+            self.start.registry = Some(Arc::clone(&self.queue.shared.registry));
+        }
         if job.is_blocking() && self.permits > 0 {
             // The closure keeps the permit until it really returns.
             self.permits -= 1;
             self.start.permit = Some(Box::new(PermitGuard(Arc::clone(&self.queue.shared))));
         }
-        if let Some(timeout) = shared.config.timeout {
-            let at = Instant::now() + timeout;
+        if shared.config.timeout.is_some() || shared.config.budget.is_some() {
+            let now = Instant::now();
+            if let (Some(budget), None) = (shared.config.budget, self.budget_end) {
+                self.budget_end = Some(now + budget);
+            }
+            let at = match (shared.config.timeout, self.budget_end) {
+                (Some(timeout), Some(end)) => (now + timeout).min(end),
+                (Some(timeout), None) => now + timeout,
+                (None, Some(end)) => end,
+                (None, None) => unreachable!("checked above"),
+            };
             match &mut self.deadline {
                 Some(deadline) => deadline.as_mut().reset(at),
                 None => self.deadline = Some(Box::pin(tokio::time::sleep_until(at))),
@@ -611,6 +691,12 @@ impl Runner {
         }
     }
 
+    /// Whether the request's time budget is spent: its tasks that have not
+    /// started are then counted as timed out and never run.
+    fn over_budget(&self) -> bool {
+        self.budget_end.is_some_and(|end| Instant::now() >= end)
+    }
+
     /// Concurrent execution: a new runner takes the request's other tasks
     /// (and its late adds) while this one runs its own.
     fn hand_over_drain(&mut self) {
@@ -634,6 +720,7 @@ impl Runner {
         let completion = self.start.completion;
         let mut successor = Runner::new(Arc::clone(&self.queue), completion, rest, permits);
         successor.drains = std::mem::take(&mut self.drains);
+        successor.budget_end = self.budget_end;
         if successor.reserve() {
             spawn(&self.queue.shared, successor);
         }
@@ -644,6 +731,12 @@ impl Runner {
         let Some(job) = &mut self.current else {
             return Poll::Pending;
         };
+        let registry = &self.queue.shared.registry;
+        // A task is dropped at its next poll after the close, also one that
+        // started (was counted as running) but was not polled yet.
+        if registry.is_closed() {
+            return Poll::Ready(Ending::Cancelled);
+        }
         let start = &mut self.start;
         match catch_unwind(AssertUnwindSafe(|| job.as_mut().poll_run(cx, start))) {
             Ok(Poll::Ready(ending)) => return Poll::Ready(ending),
@@ -657,7 +750,6 @@ impl Runner {
         }
         // Register once per runner (again only if the task moved to another
         // waker), then check: a close after the registration wakes us.
-        let registry = &self.queue.shared.registry;
         match &mut self.wakeup {
             None => self.wakeup = Some((registry.register(cx.waker()), cx.waker().clone())),
             Some((key, waker)) if !waker.will_wake(cx.waker()) => {
@@ -680,6 +772,11 @@ impl Runner {
         };
         let shared = &*self.queue.shared;
         let counted = shared.registry.end(ending.bucket());
+        let started_at = self.started_at.take();
+        if observe::enabled(&shared.config) {
+            let seen = if counted { &ending } else { &Ending::Cancelled };
+            self.queue.observe(&*job, seen, started_at);
+        }
         log(&*job, ending, counted, shared.config.timeout);
         drop_guarded(job);
         let waiters = shared
@@ -733,6 +830,8 @@ impl Drop for Runner {
                     tracing::warn!("background task cancelled: the tokio runtime went away")
                 });
             }
+            self.queue
+                .observe(&*job, &Ending::Cancelled, self.started_at.take());
             drop_guarded(job);
         }
         let mut left = self.batch.take();
@@ -741,12 +840,20 @@ impl Drop for Runner {
             state.drainer = false;
             left.concat(state.waiting.take());
         }
-        let n = left.len();
-        if n > 0 {
-            self.queue.not_started.fetch_sub(n, Ordering::AcqRel);
-            let counted = shared.registry.end_unstarted(n as u64, Bucket::Cancelled);
-            drop(left);
-            if counted {
+        let (over_budget, closed) = (self.over_budget(), shared.registry.is_closed());
+        let ending = if over_budget && !closed {
+            Ending::TimedOut
+        } else {
+            Ending::Cancelled
+        };
+        let n = self.queue.forget(left, ending);
+        if n > 0 && !closed {
+            if over_budget {
+                tracing::warn!(
+                    tasks = n,
+                    "background tasks timed out: the request's time budget was spent before they started"
+                );
+            } else {
                 tracing::warn!(
                     tasks = n,
                     "background tasks cancelled: the tokio runtime went away before they ran"

@@ -268,7 +268,8 @@ impl TaskOptions<'_> {
     {
         let queue = &self.tasks.queue;
         let span = queue.span(self.options.name);
-        queue.add(Task::boxed(span, self.options, FutureWork::new(task)));
+        let options = queue.stamp(self.options);
+        queue.add(Task::boxed(span, options, FutureWork::new(task)));
     }
 
     /// Queues a closure for the blocking pool, like
@@ -280,7 +281,8 @@ impl TaskOptions<'_> {
     {
         let queue = &self.tasks.queue;
         let span = queue.span(self.options.name);
-        queue.add(Task::boxed(span, self.options, BlockingWork::new(task)));
+        let options = queue.stamp(self.options);
+        queue.add(Task::boxed(span, options, BlockingWork::new(task)));
     }
 
     /// Queues a task that learns how the response ended, like
@@ -293,7 +295,8 @@ impl TaskOptions<'_> {
     {
         let queue = &self.tasks.queue;
         let span = queue.span(self.options.name);
-        queue.add(Task::boxed(span, self.options, WithCompletion::new(task)));
+        let options = queue.stamp(self.options);
+        queue.add(Task::boxed(span, options, WithCompletion::new(task)));
     }
 }
 

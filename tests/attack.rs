@@ -593,7 +593,7 @@ struct ResetRecord {
 fn reset_handler(
     record: Arc<ResetRecord>,
     entered: mpsc::UnboundedSender<u64>,
-    wait: Arc<dyn Fn(u64) -> BoxFut + Send + Sync>,
+    wait: Wait,
 ) -> Handler {
     Arc::new(move |req, tasks| {
         let id: u64 = req.uri().path().trim_start_matches('/').parse().unwrap();
@@ -603,16 +603,13 @@ fn reset_handler(
         tasks.add_with(move |done: Completion| async move {
             rec.with.lock().unwrap().push((id, done.outcome()));
         });
-        let fut = wait(id);
-        let entered = entered.clone();
-        // Told from the response future's first poll: the stream's task is
-        // waiting on it.
-        Box::pin(async move {
-            let _ = entered.send(id);
-            fut.await
-        })
+        wait(id, entered.clone())
     })
 }
+
+/// The response future of request `id`: it tells the test (through the
+/// sender) once it has been polled, then answers.
+type Wait = Arc<dyn Fn(u64, mpsc::UnboundedSender<u64>) -> BoxFut + Send + Sync>;
 
 /// Checks every request: no `NoBody` for a non-empty body, and the plain
 /// task ran exactly when the response counts as delivered.
@@ -667,13 +664,19 @@ async fn misread_h2_reset_while_the_response_is_ready_is_aborted() {
     let (entered_tx, mut entered) = mpsc::unbounded_channel();
     let go = Arc::new(Mutex::new(Vec::<Arc<AtomicBool>>::new()));
     let g = go.clone();
-    let wait: Arc<dyn Fn(u64) -> BoxFut + Send + Sync> = Arc::new(move |_id| {
+    let wait: Wait = Arc::new(move |id, entered| {
         let flag = Arc::new(AtomicBool::new(false));
         g.lock().unwrap().push(flag.clone());
+        let mut first = true;
         // Pending without a waker: only the reset wakes the stream's task.
+        // The first poll tells the test and returns `Pending` whatever the
+        // flag says, so the response cannot be ready before the reset.
         Box::pin(async move {
             std::future::poll_fn(|_| {
-                if flag.load(SeqCst) {
+                if std::mem::take(&mut first) {
+                    let _ = entered.send(id);
+                    Poll::Pending
+                } else if flag.load(SeqCst) {
                     Poll::Ready(())
                 } else {
                     Poll::Pending
@@ -722,10 +725,11 @@ async fn misread_h2_reset_at_varied_moments() {
     let handle = layer.handle();
     let record = Arc::new(ResetRecord::default());
     let (entered_tx, mut entered) = mpsc::unbounded_channel();
-    let wait: Arc<dyn Fn(u64) -> BoxFut + Send + Sync> = Arc::new(|id| {
+    let wait: Wait = Arc::new(|id, entered| {
         // 0 to 3 ms, in steps of 250 µs.
         let delay = Duration::from_micros(250 * (id % 13));
         Box::pin(async move {
+            let _ = entered.send(id);
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }

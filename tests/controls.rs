@@ -394,3 +394,175 @@ async fn support_post(addr: std::net::SocketAddr) -> String {
         .unwrap();
     String::from_utf8(buf).unwrap()
 }
+
+// ---------------------------------------------------------------------------
+// The observer hook
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn on_task_end_sees_every_task_once_with_how_it_ended() {
+    type Seen = (Option<&'static str>, String, bool, bool, Option<String>);
+    let seen: Arc<std::sync::Mutex<Vec<Seen>>> = Arc::default();
+    let s = seen.clone();
+    let layer = BackgroundLayer::new()
+        .max_tasks_per_request(4)
+        .on_task_end(move |end| {
+            let outcome = match end.outcome {
+                tower_background::TaskOutcome::Failed(e) => format!("failed: {e}"),
+                tower_background::TaskOutcome::Panicked(p) => format!("panicked: {p}"),
+                other => other.as_str().to_owned(),
+            };
+            s.lock().unwrap().push((
+                end.name,
+                outcome,
+                end.queued.is_some(),
+                end.ran.is_some(),
+                end.path.map(str::to_owned),
+            ));
+        });
+    let handle = layer.handle();
+    let svc = layer.layer(service_fn(|req: Request<()>| {
+        let t = req.extensions().get::<BackgroundTasks>().unwrap().clone();
+        t.named("ok").add(async {});
+        t.named("err").add(async { Err::<(), _>("smtp is down") });
+        t.named("boom").add(async { bad_template() });
+        t.named("err")
+            .add(async { Err::<(), _>("replaced, never runs") }); // replaces the first "err"
+        t.named("refused").add(async {}); // the fifth add: over the cap
+        std::future::ready(Ok::<_, Infallible>(Response::new(Full::<Bytes>::default())))
+    }));
+    let res = svc
+        .oneshot(Request::get("/signup?secret=1").body(()).unwrap())
+        .await
+        .unwrap();
+    drop(res);
+    within("idle", handle.wait_idle()).await;
+    let mut seen = seen.lock().unwrap().clone();
+    seen.sort();
+    let path = Some("/signup".to_owned());
+    assert_eq!(
+        seen,
+        [
+            (
+                Some("boom"),
+                "panicked: bad template".into(),
+                true,
+                true,
+                path.clone()
+            ),
+            (
+                Some("err"),
+                "failed: replaced, never runs".into(),
+                true,
+                true,
+                path.clone()
+            ),
+            (Some("err"), "replaced".into(), false, false, path.clone()),
+            (Some("ok"), "completed".into(), true, true, path.clone()),
+            (
+                Some("refused"),
+                "refused".into(),
+                false,
+                false,
+                path.clone()
+            ),
+        ]
+    );
+    let s = handle.stats();
+    assert_eq!(
+        (
+            s.completed,
+            s.failed,
+            s.panicked,
+            s.replaced,
+            s.refused,
+            s.total()
+        ),
+        (1, 1, 1, 1, 1, 5),
+        "{s:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_panicking_hook_is_caught_and_the_tasks_still_count() {
+    fn broken(_: &tower_background::TaskEnd<'_>) {
+        panic!("the hook is broken")
+    }
+    let layer = BackgroundLayer::new().on_task_end(broken);
+    let handle = layer.handle();
+    let log = Log::default();
+    let (a, b) = (log.task("a"), log.task("b"));
+    after(&layer, 200, move |t| {
+        t.add(a);
+        t.add(b);
+    })
+    .await;
+    assert_eq!(log.get(), ["a", "b"]);
+    assert_eq!(handle.stats().completed, 2);
+}
+
+// ---------------------------------------------------------------------------
+// The time budget of a request
+// ---------------------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn a_request_over_its_time_budget_times_out_the_rest_of_its_tasks() {
+    use std::time::Duration;
+    // Virtual time: well inside the tests' 10 s bound on every wait.
+    let layer = BackgroundLayer::new().request_time_budget(Duration::from_millis(1500));
+    let handle = layer.handle();
+    let log = Log::default();
+    let l = log.clone();
+    after_paused(&layer, move |t| {
+        for i in 0..3 {
+            let l = l.clone();
+            t.add(async move {
+                l.push(format!("{i} started"));
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                l.push(format!("{i} done"));
+            });
+        }
+    })
+    .await;
+    within("idle", handle.wait_idle()).await;
+    // 0 ends at 1 s; 1 is timed out at 1.5 s; 2 never starts.
+    assert_eq!(log.get(), ["0 started", "0 done", "1 started"]);
+    let s = handle.stats();
+    assert_eq!((s.completed, s.timed_out, s.total()), (1, 2, 3), "{s:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_budget_and_the_task_timeout_apply_together() {
+    use std::time::Duration;
+    let layer = BackgroundLayer::new()
+        .task_timeout(Duration::from_secs(4))
+        .request_time_budget(Duration::from_secs(60));
+    let handle = layer.handle();
+    after_paused(&layer, |t| {
+        t.add(tokio::time::sleep(Duration::from_secs(5))); // over its timeout
+        t.add(tokio::time::sleep(Duration::from_secs(3)));
+    })
+    .await;
+    within("idle", handle.wait_idle()).await;
+    let s = handle.stats();
+    assert_eq!((s.completed, s.timed_out), (1, 1), "{s:?}");
+}
+
+#[test]
+#[should_panic(expected = "request_time_budget: the budget must be greater than zero")]
+fn a_zero_budget_is_refused_with_the_fix() {
+    let _ = BackgroundLayer::new().request_time_budget(std::time::Duration::ZERO);
+}
+
+/// Like `after`, without waiting (the caller waits, under paused time).
+async fn after_paused(
+    layer: &BackgroundLayer,
+    queue: impl FnOnce(&BackgroundTasks) + Send + 'static,
+) {
+    let res = call(layer, status(200), queue).await;
+    res.into_body().collect().await.unwrap();
+}
+
+fn bad_template() {
+    panic!("bad template")
+}
