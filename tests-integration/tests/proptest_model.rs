@@ -1754,6 +1754,72 @@ fn run_dropped_runtime(l: &Load, yields: u8) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+/// Semantics row 8: tasks waiting for a permit of `max_concurrent_tasks(1)`
+/// start in the order they became ready. A first request's task holds the
+/// only permit; the other requests' bodies are then let go of (dropped) in
+/// the order `order`, each request with one task of kind `kinds[r]`; once
+/// the permit is released, the tasks start in that order.
+fn run_fifo(order: &[usize], kinds: &[Kind], multi_thread: bool) -> Result<(), TestCaseError> {
+    silence_deliberate_panics();
+    let rt = runtime(multi_thread);
+    let (log, stats) = rt.block_on(async {
+        let layer = BackgroundLayer::new().max_concurrent_tasks(1);
+        let handle = layer.handle();
+        let log: Arc<Mutex<Vec<usize>>> = Arc::default();
+        let (held_tx, held_rx) = tokio::sync::oneshot::channel::<()>();
+        let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
+        let gate = Arc::new(Mutex::new(Some((held_tx, release_rx))));
+        let (handler_log, kinds) = (Arc::clone(&log), kinds.to_vec());
+        let svc = layer.layer(service_fn(move |req: Request<()>| {
+            let tasks = req.extensions().get::<BackgroundTasks>().unwrap().clone();
+            let path = req.uri().path();
+            if path == "/gate" {
+                let (held_tx, release_rx) = gate.lock().unwrap().take().unwrap();
+                tasks.add(async move {
+                    held_tx.send(()).unwrap();
+                    let _ = release_rx.await;
+                });
+            } else {
+                let r: usize = path[1..].parse().unwrap();
+                let log = Arc::clone(&handler_log);
+                match kinds[r] {
+                    Kind::Add => tasks.add(async move { log.lock().unwrap().push(r) }),
+                    Kind::Blocking => tasks.add_blocking(move || log.lock().unwrap().push(r)),
+                    Kind::With => tasks
+                        .add_with(move |_: Completion| async move { log.lock().unwrap().push(r) }),
+                }
+            }
+            async { Ok::<_, std::io::Error>(Response::new(http_body_util::Empty::<Bytes>::new())) }
+        }));
+        let get = |path: String| {
+            svc.clone()
+                .oneshot(Request::builder().uri(path).body(()).unwrap())
+        };
+        drop(get("/gate".into()).await.unwrap());
+        tokio::time::timeout(LIMIT, held_rx)
+            .await
+            .expect("the gate task holds the permit")
+            .unwrap();
+        let mut bodies: Vec<Option<_>> = Vec::new();
+        for r in 0..order.len() {
+            bodies.push(Some(get(format!("/{r}")).await.unwrap()));
+        }
+        for &r in order {
+            drop(bodies[r].take());
+        }
+        release_tx.send(()).unwrap();
+        tokio::time::timeout(LIMIT, handle.wait_idle())
+            .await
+            .expect("every task ends");
+        let log = log.lock().unwrap().clone();
+        (log, handle.stats())
+    });
+    rt.shutdown_background();
+    prop_assert_eq!(&log, &order.to_vec(), "start order against let-go order");
+    prop_assert_eq!(stats.completed, order.len() as u64 + 1);
+    Ok(())
+}
+
 // ---------------------------------------------------------------- the runs
 
 fn cases() -> u32 {
@@ -1795,6 +1861,15 @@ proptest! {
         max_shrink_iters: 2000,
         ..ProptestConfig::default()
     })]
+
+    #[test]
+    fn permit_waiters_start_in_the_order_they_became_ready(
+        order in (2usize..7).prop_flat_map(|n| Just((0..n).collect::<Vec<_>>()).prop_shuffle()),
+        kinds in prop::collection::vec(kind(), 6),
+        multi_thread in any::<bool>(),
+    ) {
+        run_fifo(&order, &kinds, multi_thread)?;
+    }
 
     #[test]
     fn every_task_is_counted_when_the_runtime_goes_away(l in load(), yields in 0u8..60) {
