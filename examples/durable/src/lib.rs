@@ -702,7 +702,15 @@ impl Journal {
                 sqlx::query(MAIL_TABLE).execute(pool).await?;
             }
             Conn::Postgres(pool) => {
-                sqlx::query(MAIL_TABLE).execute(pool).await?;
+                // Processes starting together on a new database would race
+                // on CREATE TABLE IF NOT EXISTS (a unique violation in
+                // pg_type): one at a time.
+                let mut tx = pool.begin().await?;
+                sqlx::query("SELECT pg_advisory_xact_lock(7001001)")
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query(MAIL_TABLE).execute(&mut *tx).await?;
+                tx.commit().await?;
             }
             Conn::Redis(conn) => {
                 let mut conn = conn.clone();
