@@ -33,12 +33,16 @@
 //! the runtime is shut down at a random point with everything in flight;
 //! every task added is still counted once, nothing stays pending or running.
 //!
+//! `permit_waiters_start_in_the_order_they_became_ready`: under
+//! `max_concurrent_tasks(1)`, with the permit held, bodies are let go of in a
+//! random order; their tasks start in that order.
+//!
 //! Each case runs on its own runtime, with real time. The task timeout is
 //! short (`TIMEOUT`) and only "slow" tasks wait for it. The case count is
 //! `PROPTEST_CASES` (default 512 for the first property, half that for the
-//! second, a quarter for the third); a failing case shrinks to a small
+//! second, a quarter for the last two); a failing case shrinks to a small
 //! scenario, printed with the model's expectations next to what happened.
-//! On this 2-core machine the file takes about 6-9 s with the defaults and
+//! On this 2-core machine the file takes about 5-9 s with the defaults and
 //! 25-35 s with `PROPTEST_CASES=2000`.
 //!
 //! ```sh
