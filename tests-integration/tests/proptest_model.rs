@@ -12,8 +12,9 @@
 //! `shutdown` at a random point; current-thread or multi-thread runtime; late
 //! adds and the body's drop on a thread outside the runtime. The model
 //! derives how the response ended (`Outcome`) from what the body handed out
-//! and what the server did with it, and from that the fate, order and
-//! `Stats` bucket of every task. The harness also checks the timing rule:
+//! and what the server did with it, and from that (with the layer's or the
+//! task's run policy, and `run_on_abort`) the fate, order and `Stats` bucket
+//! of every task. The harness also checks the timing rule:
 //! no task starts, and `Stats` shows none started, before the server has let
 //! go of the ended body (dropped it, polled it again after its end, or got
 //! `None` from it); the tasks themselves check a "let go" flag that the
@@ -65,7 +66,7 @@ use proptest::prelude::*;
 use tower::{service_fn, Layer, ServiceExt};
 use tower_background::{
     BackgroundBody, BackgroundHandle, BackgroundLayer, BackgroundTasks, Completion, Execution,
-    Outcome, ShutdownReport, Stats,
+    Outcome, RunPolicy, ShutdownReport, Stats,
 };
 
 /// The layer's `task_timeout` when the scenario has one.
@@ -104,6 +105,44 @@ struct TaskSpec {
     /// `1 + p % (checkpoints - 1)` (after the response, after a poll, or
     /// after the body was dropped).
     late: Option<u8>,
+    /// The task's own run policy (`TaskOptions::run_policy`).
+    policy: Option<Policy>,
+}
+
+/// A run policy (`RunPolicy`), restated from its docs for the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Policy {
+    /// Runs after a 1xx, 2xx or 3xx status (the layer's default).
+    OnSuccess,
+    Always,
+    /// Runs when the body was delivered whole (`Finished` or `NoBody`).
+    OnDelivery,
+}
+
+impl Policy {
+    fn allows(self, status: StatusCode, outcome: Outcome) -> bool {
+        match self {
+            Policy::OnSuccess => status.as_u16() < 400,
+            Policy::Always => true,
+            Policy::OnDelivery => matches!(outcome, Outcome::Finished | Outcome::NoBody),
+        }
+    }
+
+    fn of_layer(self) -> RunPolicy {
+        match self {
+            Policy::OnSuccess => RunPolicy::OnSuccess,
+            Policy::Always => RunPolicy::Always,
+            Policy::OnDelivery => RunPolicy::OnDelivery,
+        }
+    }
+}
+
+fn policy() -> impl Strategy<Value = Policy> {
+    prop_oneof![
+        Just(Policy::OnSuccess),
+        Just(Policy::Always),
+        Just(Policy::OnDelivery),
+    ]
 }
 
 /// What the scripted body yields after its data frames.
@@ -203,6 +242,8 @@ struct Scenario {
     /// Late adds and the drop of the body happen on a thread outside the
     /// runtime (semantics row 9).
     off_runtime: bool,
+    /// The layer's run policy; `None`: the default (`OnSuccess`).
+    policy: Option<Policy>,
 }
 
 fn kind() -> impl Strategy<Value = Kind> {
@@ -219,8 +260,18 @@ fn behave() -> impl Strategy<Value = Behave> {
 }
 
 fn task() -> impl Strategy<Value = TaskSpec> {
-    (kind(), behave(), prop::option::weighted(0.35, any::<u8>()))
-        .prop_map(|(kind, behave, late)| TaskSpec { kind, behave, late })
+    (
+        kind(),
+        behave(),
+        prop::option::weighted(0.35, any::<u8>()),
+        prop::option::weighted(0.15, policy()),
+    )
+        .prop_map(|(kind, behave, late, policy)| TaskSpec {
+            kind,
+            behave,
+            late,
+            policy,
+        })
 }
 
 fn status() -> impl Strategy<Value = Status> {
@@ -292,6 +343,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
         any::<bool>(),
         any::<bool>(),
         prop::bool::weighted(0.25),
+        prop::option::weighted(0.5, policy()),
     )
         .prop_map(
             |(
@@ -305,6 +357,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                 yields,
                 multi_thread,
                 off_runtime,
+                policy,
             )| Scenario {
                 execution,
                 run_on_abort,
@@ -316,6 +369,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                 yields,
                 multi_thread,
                 off_runtime,
+                policy,
             },
         )
 }
@@ -334,6 +388,8 @@ enum Fate {
     /// Runnable before a zero-grace shutdown: runs or is cancelled.
     Racy,
     Discarded,
+    /// Its run policy does not allow it for this response.
+    Skipped,
     Cancelled,
 }
 
@@ -558,10 +614,13 @@ impl Model {
                 Fate::Cancelled
             } else {
                 match (completion, let_go_cp) {
-                    (Some((_, outcome)), Some(let_go)) => {
+                    (Some((status, outcome)), Some(let_go)) => {
                         let start = add.max((let_go, 1));
+                        let policy = t.policy.or(s.policy).unwrap_or(Policy::OnSuccess);
                         if shutdown_key < start {
                             Fate::Cancelled
+                        } else if t.kind != Kind::With && !policy.allows(status, outcome) {
+                            Fate::Skipped
                         } else if t.kind != Kind::With && !s.run_on_abort && !outcome.is_delivered()
                         {
                             Fate::Discarded
@@ -789,13 +848,17 @@ fn add_task(
     let gauged = !(s.timeout && spec.kind == Kind::Blocking && spec.behave == Behave::Slow);
     let exact_close = !s.multi_thread;
     let name = format!("t{i}");
+    let options = match spec.policy {
+        Some(policy) => tasks.options().run_policy(policy.of_layer()),
+        None => tasks.options(),
+    };
     match spec.kind {
-        Kind::Add => tasks.add(async move {
+        Kind::Add => options.add(async move {
             probe.enter(name, exact_close);
             let _held = gauge.hold();
             run_async(spec.behave, slow_async).await
         }),
-        Kind::With => tasks.add_with(move |done: Completion| async move {
+        Kind::With => options.add_with(move |done: Completion| async move {
             probe.enter(
                 format!("{name}:{:?}:{}", done.outcome(), done.status().as_u16()),
                 exact_close,
@@ -803,7 +866,7 @@ fn add_task(
             let _held = gauge.hold();
             run_async(spec.behave, slow_async).await
         }),
-        Kind::Blocking => tasks.add_blocking(move || {
+        Kind::Blocking => options.add_blocking(move || {
             probe.enter(name, false);
             let _held = gauged.then(|| gauge.hold());
             match spec.behave {
@@ -918,6 +981,9 @@ async fn drive(s: &Scenario, m: &Model) -> Observed {
     }
     if let Some(limit) = s.limit {
         layer = layer.max_concurrent_tasks(limit as usize);
+    }
+    if let Some(policy) = s.policy {
+        layer = layer.run_policy(policy.of_layer());
     }
     let probe: Arc<Probe> = Arc::default();
     let gauge: Arc<Gauge> = Arc::default();
@@ -1116,6 +1182,8 @@ fn check(s: &Scenario, m: &Model, o: &Observed) -> Result<(), TestCaseError> {
     prop_assert_eq!(st.total(), n, "every task is counted exactly once");
     let expect_count = |f: Fate| m.fates.iter().filter(|&&x| x == f).count() as u64;
     prop_assert_eq!(st.discarded, expect_count(Fate::Discarded), "discarded");
+    prop_assert_eq!(st.skipped, expect_count(Fate::Skipped), "skipped");
+    prop_assert_eq!((st.refused, st.replaced), (0, 0), "refused, replaced");
 
     // No task entered twice, and only tasks that may run entered.
     let mut seen = std::collections::HashSet::new();
@@ -1166,7 +1234,7 @@ fn check(s: &Scenario, m: &Model, o: &Observed) -> Result<(), TestCaseError> {
         prop_assert!(ended <= o.entered.len() as u64, "ended tasks had started");
         prop_assert_eq!(
             st.cancelled,
-            n - ended - st.discarded,
+            n - ended - st.discarded - st.skipped,
             "the rest is cancelled"
         );
         if s.execution == Execution::Sequential {
@@ -1267,6 +1335,8 @@ struct LoadTask {
 #[derive(Debug, Clone)]
 struct LoadRequest {
     plan: Plan,
+    /// The response is a 500 (else a 200).
+    server_error: bool,
     tasks: Vec<LoadTask>,
 }
 
@@ -1280,6 +1350,8 @@ struct Load {
     /// A `shutdown` after this many yields, while the requests are in
     /// flight.
     shutdown: Option<(u8, Grace)>,
+    /// The layer's run policy; `None`: the default (`OnSuccess`).
+    policy: Option<Policy>,
 }
 
 fn work() -> impl Strategy<Value = Work> {
@@ -1303,8 +1375,16 @@ fn plan() -> impl Strategy<Value = Plan> {
 fn load() -> impl Strategy<Value = Load> {
     let task = (kind(), work(), prop::bool::weighted(0.25))
         .prop_map(|(kind, work, late)| LoadTask { kind, work, late });
-    let request = (plan(), prop::collection::vec(task, 0..6))
-        .prop_map(|(plan, tasks)| LoadRequest { plan, tasks });
+    let request = (
+        plan(),
+        prop::bool::weighted(0.2),
+        prop::collection::vec(task, 0..6),
+    )
+        .prop_map(|(plan, server_error, tasks)| LoadRequest {
+            plan,
+            server_error,
+            tasks,
+        });
     (
         1u8..4,
         prop_oneof![Just(Execution::Sequential), Just(Execution::Concurrent)],
@@ -1315,24 +1395,40 @@ fn load() -> impl Strategy<Value = Load> {
             0.25,
             (0u8..40, prop_oneof![Just(Grace::Zero), Just(Grace::Long)]),
         ),
+        prop::option::weighted(0.5, policy()),
     )
         .prop_map(
-            |(limit, execution, run_on_abort, multi_thread, requests, shutdown)| Load {
+            |(limit, execution, run_on_abort, multi_thread, requests, shutdown, policy)| Load {
                 limit,
                 execution,
                 run_on_abort,
                 multi_thread,
                 requests,
                 shutdown,
+                policy,
             },
         )
 }
 
-/// Whether a task of `kind` runs for a response that ended with `outcome`.
-fn runs(kind: Kind, outcome: Option<Outcome>, run_on_abort: bool) -> bool {
-    match outcome {
-        None => false,
-        Some(outcome) => kind == Kind::With || run_on_abort || outcome.is_delivered(),
+/// What becomes of a task of `kind` of request `request` (no shutdown).
+fn load_fate(l: &Load, request: &LoadRequest, kind: Kind) -> Fate {
+    let Some(outcome) = request.plan.outcome() else {
+        return Fate::Discarded;
+    };
+    let status = if request.server_error {
+        StatusCode::INTERNAL_SERVER_ERROR
+    } else {
+        StatusCode::OK
+    };
+    let policy = l.policy.unwrap_or(Policy::OnSuccess);
+    if kind == Kind::With {
+        Fate::Runs
+    } else if !policy.allows(status, outcome) {
+        Fate::Skipped
+    } else if !l.run_on_abort && !outcome.is_delivered() {
+        Fate::Discarded
+    } else {
+        Fate::Runs
     }
 }
 
@@ -1422,10 +1518,13 @@ struct InFlight {
 }
 
 fn start_load(l: &Load) -> InFlight {
-    let layer = BackgroundLayer::new()
+    let mut layer = BackgroundLayer::new()
         .execution(l.execution)
         .run_on_abort(l.run_on_abort)
         .max_concurrent_tasks(l.limit as usize);
+    if let Some(policy) = l.policy {
+        layer = layer.run_policy(policy.of_layer());
+    }
     let handle = layer.handle();
     let probes: Arc<Vec<Arc<Probe>>> =
         Arc::new(l.requests.iter().map(|_| Arc::default()).collect());
@@ -1487,7 +1586,11 @@ fn start_load(l: &Load) -> InFlight {
                 return Err(std::io::Error::other("handler failed"));
             }
             let frames = vec![Piece::Data; request.plan.frames().into()];
-            Ok(Response::new(ScriptBody::new(frames, false, false, &probe)))
+            let mut res = Response::new(ScriptBody::new(frames, false, false, &probe));
+            if request.server_error {
+                *res.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+            }
+            Ok(res)
         }
     }));
 
@@ -1620,14 +1723,14 @@ fn check_load(l: &Load, o: &LoadObserved) -> Result<(), TestCaseError> {
     prop_assert!(o.faults.is_empty(), "tasks saw contract violations");
     prop_assert_eq!((st.pending, st.running), (0, 0), "idle at the end");
     prop_assert_eq!(st.timed_out, 0, "no timeout");
+    prop_assert_eq!((st.refused, st.replaced), (0, 0), "refused, replaced");
 
     // Without a shutdown: what each task does, exactly. With one: what the
     // tasks that started do, and the others are discarded or cancelled.
-    let mut want = [0u64; 4]; // completed, failed, panicked, discarded
+    let mut want = [0u64; 5]; // completed, failed, panicked, discarded, skipped
     let mut started = [0u64; 3];
     let mut added = 0;
     for (r, request) in l.requests.iter().enumerate() {
-        let outcome = request.plan.outcome();
         // The order of a sequence: the handler's adds, then the late ones.
         let mut order: Vec<usize> = (0..request.tasks.len()).collect();
         order.sort_by_key(|&i| (request.tasks[i].late, i));
@@ -1636,9 +1739,16 @@ fn check_load(l: &Load, o: &LoadObserved) -> Result<(), TestCaseError> {
             let task = request.tasks[i];
             added += 1;
             let name = format!("r{r}t{i}");
-            if !runs(task.kind, outcome, l.run_on_abort) {
-                want[3] += 1;
-                continue;
+            match load_fate(l, request, task.kind) {
+                Fate::Discarded => {
+                    want[3] += 1;
+                    continue;
+                }
+                Fate::Skipped => {
+                    want[4] += 1;
+                    continue;
+                }
+                _ => {}
             }
             let bucket = match task.work {
                 Work::Ok | Work::Sleep(_) => 0,
@@ -1692,9 +1802,15 @@ fn check_load(l: &Load, o: &LoadObserved) -> Result<(), TestCaseError> {
         prop_assert_eq!(o.holding, 0, "idle, yet a task still runs");
         prop_assert_eq!(st.cancelled, 0, "no shutdown, nothing cancelled");
         prop_assert_eq!(
-            [st.completed, st.failed, st.panicked, st.discarded],
+            [
+                st.completed,
+                st.failed,
+                st.panicked,
+                st.discarded,
+                st.skipped
+            ],
             want,
-            "completed/failed/panicked/discarded"
+            "completed/failed/panicked/discarded/skipped"
         );
     } else {
         let ended = [st.completed, st.failed, st.panicked];
@@ -1708,6 +1824,7 @@ fn check_load(l: &Load, o: &LoadObserved) -> Result<(), TestCaseError> {
             );
         }
         prop_assert!(st.discarded <= want[3], "discarded beyond the model");
+        prop_assert!(st.skipped <= want[4], "skipped beyond the model");
         let report = o.report.expect("the shutdown reported");
         prop_assert!(report.cancelled <= st.cancelled);
         prop_assert!(report.completed <= st.completed);
@@ -1890,7 +2007,12 @@ fn fixed(s: Scenario) {
 }
 
 fn t(kind: Kind, behave: Behave, late: Option<u8>) -> TaskSpec {
-    TaskSpec { kind, behave, late }
+    TaskSpec {
+        kind,
+        behave,
+        late,
+        policy: None,
+    }
 }
 
 fn base(reply: Reply, tasks: Vec<TaskSpec>) -> Scenario {
@@ -1905,6 +2027,7 @@ fn base(reply: Reply, tasks: Vec<TaskSpec>) -> Scenario {
         yields: true,
         multi_thread: false,
         off_runtime: false,
+        policy: None,
     }
 }
 
@@ -2141,6 +2264,71 @@ fn model_dropped_at_its_declared_length_finished() {
     expect_outcome(&outcome_probe(reply), Outcome::Aborted);
 }
 
+/// Run policies (the layer's, or a task's own): by default a 4xx or 5xx
+/// response skips the plain tasks; `Always` runs them; `OnDelivery` skips
+/// them when the body was aborted, before `run_on_abort(false)` would
+/// discard them; `add_with` tasks run in every case.
+#[test]
+fn model_run_policies() {
+    let tasks = |own: Option<Policy>| {
+        let mut plain = t(Kind::Add, Behave::Ok, None);
+        plain.policy = own;
+        let mut blocking = t(Kind::Blocking, Behave::Ok, Some(2));
+        blocking.policy = own;
+        vec![plain, blocking, t(Kind::With, Behave::Ok, None)]
+    };
+    for (status, polls, layer, own, want) in [
+        (Status::ServerError, None, None, None, Fate::Skipped),
+        (
+            Status::ServerError,
+            None,
+            Some(Policy::Always),
+            None,
+            Fate::Runs,
+        ),
+        (
+            Status::ServerError,
+            None,
+            None,
+            Some(Policy::Always),
+            Fate::Runs,
+        ),
+        (
+            Status::Ok,
+            Some(1),
+            Some(Policy::OnDelivery),
+            None,
+            Fate::Skipped,
+        ),
+        (
+            Status::Ok,
+            Some(1),
+            None,
+            Some(Policy::OnDelivery),
+            Fate::Skipped,
+        ),
+        (Status::Ok, Some(1), None, None, Fate::Discarded),
+        (
+            Status::NotModified,
+            Some(0),
+            Some(Policy::OnDelivery),
+            None,
+            Fate::Runs,
+        ),
+    ] {
+        let mut reply = streamed(2, polls);
+        if let Reply::Body { status: st, .. } = &mut reply {
+            *st = status;
+        }
+        let mut s = base(reply, tasks(own));
+        s.run_on_abort = false;
+        s.policy = layer;
+        let m = Model::new(&s);
+        assert_eq!(m.fates, [want, want, Fate::Runs], "the model: {s:?}");
+        fixed(s);
+    }
+}
+
 /// The timing rule, each way the server lets go: tasks start at the poll
 /// after the trailers, at the drop after a data frame that ends the body,
 /// at the poll after it when the driver ignores `is_end_stream`, at `None`,
@@ -2310,11 +2498,11 @@ fn queued_async_task_does_not_run_after_shutdown() {
     );
 }
 
-/// Found by `concurrency_limit_holds_across_requests`: with a zero-grace
-/// shutdown while requests were in flight on a multi-thread runtime,
-/// `add_blocking` closures counted as cancelled started afterwards.
+/// Regression, found by `concurrency_limit_holds_across_requests`: with a
+/// zero-grace shutdown while requests were in flight on a multi-thread
+/// runtime, `add_blocking` closures still queued on tokio's blocking pool
+/// were counted as cancelled and started afterwards.
 #[test]
-#[ignore = "bug: an add_blocking closure still queued on tokio's blocking pool is counted cancelled by shutdown and runs after shutdown returned"]
 fn queued_blocking_closure_does_not_run_after_shutdown() {
     let (report, ran) = queued_task_after_shutdown(true);
     assert_eq!(report.cancelled, 1);
