@@ -23,12 +23,11 @@ pin_project! {
     /// The body *ends* when `poll_frame` returns `None`, an error or a
     /// trailers frame (always the last), or a data frame after which the
     /// inner body reports [`is_end_stream`](Body::is_end_stream). The
-    /// request's tasks start once the server has taken the last frame: when
-    /// it drops the ended body (hyper does right after taking the last
-    /// frame), polls it again, or gets `None` from it. They never start
-    /// inside the poll that hands over the last frame, so they cannot get in
-    /// the way of its write. A consumer that keeps a body it stopped polling
-    /// after its last frame delays the tasks until it drops the body.
+    /// request's tasks start once the server lets go of the ended body: when
+    /// it drops it (hyper does right after taking the last frame) or polls it
+    /// again. They never start inside the poll that ends the body, so they
+    /// cannot get in the way of the server's write of its end. A consumer
+    /// that keeps a body after its end delays the tasks until it drops it.
     ///
     /// Dropped before its end, the body was [`Aborted`](Outcome::Aborted),
     /// unless it was never polled and had nothing to send (a `HEAD` request,
@@ -113,12 +112,10 @@ impl<B: Body> Body for BackgroundBody<B> {
         guard.polled = true;
         match &polled {
             Poll::Pending => {}
-            Poll::Ready(None) => {
-                // The end signal carries nothing to write: every frame is
-                // already in the server's hands.
-                guard.ended = Some(Outcome::Finished);
-                guard.start();
-            }
+            // Not started here either: hyper's HTTP/2 writes the end of the
+            // stream after this poll, and a task started inside it delays
+            // that write.
+            Poll::Ready(None) => guard.ended = Some(Outcome::Finished),
             Poll::Ready(Some(Err(_))) => guard.ended = Some(Outcome::BodyError),
             Poll::Ready(Some(Ok(frame))) => {
                 if let (Some(remaining), Some(data)) = (&mut guard.remaining, frame.data_ref()) {

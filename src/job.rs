@@ -302,7 +302,13 @@ where
             Ok(None) => Ending::Cancelled,
             Ok(Some(None)) => Ending::Completed,
             Ok(Some(Some(error))) => Ending::Failed(error),
-            Err(e) if e.is_panic() => Ending::Panicked(panic_message(&*e.into_panic())),
+            Err(e) if e.is_panic() => {
+                let payload = e.into_panic();
+                let message = panic_message(&*payload);
+                // A payload can panic in its own `Drop`.
+                drop_guarded(payload);
+                Ending::Panicked(message)
+            }
             Err(_) => Ending::Cancelled,
         })
     }

@@ -59,10 +59,10 @@
 //! (servers stop polling a finished body), or when the server drops it once
 //! it has yielded exactly its `Content-Length`. The server lets go of it
 //! when it drops it (every hyper-based server does right after writing the
-//! last frame), polls it again, or gets `None`. So tasks start when the
-//! server has taken the last frame, not when the client has received it,
-//! and never inside the poll that hands the last frame over, where they
-//! could get in the way of its write. Never before the end either: a
+//! last frame) or polls it again. So tasks start when the server has taken
+//! the last frame, not when the client has received it, and never inside
+//! the poll that ends the body, where they could get in the way of the
+//! server's write of its end. Never before the end either: a
 //! streaming body's tasks wait for its last chunk.
 //!
 //! A body dropped without ever being polled counts as delivered, with

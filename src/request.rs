@@ -31,6 +31,7 @@
 //! runs its own task ([`Execution::Concurrent`]). A request with one task is
 //! one spawned future of a few words next to the task's own allocation.
 
+#[cfg(not(tower_background_loom))]
 use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::future::Future;
@@ -187,6 +188,12 @@ struct QueueState {
     added: usize,
     /// A task was refused (warned about once per request).
     refused: bool,
+    /// A task has a run policy of its own (else the layer's decides for all).
+    own_policies: bool,
+    /// While the request waits for a permit: the runtime its tasks run on
+    /// (the one current when it started to wait), whoever releases the permit.
+    #[cfg(not(tower_background_loom))]
+    parked_on: Option<Handle>,
 }
 
 impl RequestQueue {
@@ -310,6 +317,7 @@ impl RequestQueue {
         }
         observe::added(registry);
         state.added += 1;
+        state.own_policies |= job.options().run_policy.is_some();
         let replaced = match job.options().name {
             Some(name) => state
                 .waiting
@@ -430,14 +438,19 @@ impl RequestQueue {
         // Tasks added with `add_with` always run: they see the completion.
         let default = config.run_policy;
         let (status, outcome) = (completion.status(), completion.outcome());
-        let skipped = state.waiting.remove_where(|job| {
-            !job.wants_completion()
-                && !job
-                    .options()
-                    .run_policy
-                    .unwrap_or(default)
-                    .allows(status, outcome)
-        });
+        // One pass over the tasks only if some may be skipped.
+        let skipped = if state.own_policies || !default.allows(status, outcome) {
+            state.waiting.remove_where(|job| {
+                !job.wants_completion()
+                    && !job
+                        .options()
+                        .run_policy
+                        .unwrap_or(default)
+                        .allows(status, outcome)
+            })
+        } else {
+            TaskList::default()
+        };
         let dropped = if !config.run_on_abort && !outcome.is_delivered() {
             state.waiting.remove_where(|job| !job.wants_completion())
         } else {
@@ -489,12 +502,18 @@ impl RequestQueue {
 
 impl Parked for RequestQueue {
     fn resume(self: Arc<Self>) {
-        let batch = self.lock().waiting.take().reversed();
+        let mut state = self.lock();
+        let batch = state.waiting.take().reversed();
+        #[cfg(not(tower_background_loom))]
+        let runtime = state.parked_on.take();
+        #[cfg(tower_background_loom)]
+        let runtime = None;
+        drop(state);
         let completion = self.completion();
         let shared = Arc::clone(&self.shared);
         let mut runner = Runner::new(self, completion, batch, 1);
         if runner.reserve() {
-            spawn(&shared, runner);
+            spawn_on(&shared, runtime, runner);
         }
     }
 
@@ -684,6 +703,12 @@ impl Runner {
                     self.batch.concat(state.waiting.take().reversed());
                 }
                 Acquired::Parked => {
+                    #[cfg(not(tower_background_loom))]
+                    {
+                        state.parked_on = Handle::try_current()
+                            .ok()
+                            .or_else(|| self.queue.shared.runtime.get().cloned());
+                    }
                     self.drains = false;
                     return self.permits > 0;
                 }
@@ -741,7 +766,12 @@ impl Runner {
         match catch_unwind(AssertUnwindSafe(|| job.as_mut().poll_run(cx, start))) {
             Ok(Poll::Ready(ending)) => return Poll::Ready(ending),
             Ok(Poll::Pending) => {}
-            Err(payload) => return Poll::Ready(Ending::Panicked(panic_message(&*payload))),
+            Err(payload) => {
+                let message = panic_message(&*payload);
+                // A payload can panic in its own `Drop`.
+                drop_guarded(payload);
+                return Poll::Ready(Ending::Panicked(message));
+            }
         }
         if let Some(deadline) = &mut self.deadline {
             if deadline.as_mut().poll(cx).is_ready() {
@@ -903,41 +933,57 @@ fn log(job: &dyn Job, ending: Ending, counted: bool, timeout: Option<std::time::
     });
 }
 
+/// A spawn deferred to the outer loop of [`spawn_on`].
+#[cfg(not(tower_background_loom))]
+type Deferred = (Arc<Shared>, Option<Handle>, Runner);
+
+#[cfg(not(tower_background_loom))]
 std::thread_local! {
     /// Set while this thread spawns a runner: a runner dropped inside that
     /// spawn (the runtime is shutting down) may release a permit and start
     /// the next waiting request; that spawn is deferred to the outer loop
     /// instead of recursing once per waiting request.
     static SPAWNING: Cell<bool> = const { Cell::new(false) };
-    static DEFERRED: RefCell<Vec<(Arc<Shared>, Runner)>> = const { RefCell::new(Vec::new()) };
+    static DEFERRED: RefCell<Vec<Deferred>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Spawns a runner on the current runtime: the one serving the request,
 /// where its body ends and its handler adds tasks. Off any runtime, on the
 /// runtime that served the service's first request.
 fn spawn(shared: &Arc<Shared>, runner: Runner) {
-    #[cfg(tower_background_loom)]
+    spawn_on(shared, None, runner);
+}
+
+/// Spawns a runner on `runtime`, or as [`spawn`] does.
+#[cfg(tower_background_loom)]
+fn spawn_on(shared: &Arc<Shared>, runtime: Option<()>, runner: Runner) {
     {
-        let _ = shared;
+        let _ = (shared, runtime);
         drop(loom::thread::spawn(move || loom::future::block_on(runner)));
-    }
-    #[cfg(not(tower_background_loom))]
-    {
-        if SPAWNING.get() {
-            DEFERRED.with_borrow_mut(|deferred| deferred.push((Arc::clone(shared), runner)));
-            return;
-        }
-        SPAWNING.set(true);
-        spawn_now(shared, runner);
-        while let Some((shared, runner)) = DEFERRED.with_borrow_mut(Vec::pop) {
-            spawn_now(&shared, runner);
-        }
-        SPAWNING.set(false);
     }
 }
 
+/// Spawns a runner on `runtime`, or as [`spawn`] does.
 #[cfg(not(tower_background_loom))]
-fn spawn_now(shared: &Shared, runner: Runner) {
+fn spawn_on(shared: &Arc<Shared>, runtime: Option<Handle>, runner: Runner) {
+    if SPAWNING.get() {
+        DEFERRED.with_borrow_mut(|deferred| deferred.push((Arc::clone(shared), runtime, runner)));
+        return;
+    }
+    SPAWNING.set(true);
+    spawn_now(shared, runtime, runner);
+    while let Some((shared, runtime, runner)) = DEFERRED.with_borrow_mut(Vec::pop) {
+        spawn_now(&shared, runtime, runner);
+    }
+    SPAWNING.set(false);
+}
+
+#[cfg(not(tower_background_loom))]
+fn spawn_now(shared: &Shared, runtime: Option<Handle>, runner: Runner) {
+    if let Some(runtime) = runtime {
+        drop(runtime.spawn(runner));
+        return;
+    }
     // Inside a tokio task the runtime context is current: `tokio::spawn`
     // uses it without touching the runtime handle's shared count.
     if tokio::task::try_id().is_some() {
