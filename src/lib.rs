@@ -95,20 +95,41 @@
 //! queue moved into a spawned future) still runs: behind the running
 //! sequence, or on its own if the sequence has ended.
 //!
-//! # Aborted responses and failed requests
+//! # Which responses run their tasks
 //!
-//! | what happened | `add`, `add_blocking` | `add_with` |
+//! | what happened | `add`, `add_blocking` (default policy) | `add_with` |
 //! |---|---|---|
-//! | the body finished, or was dropped unpolled | run | run, see `Finished` / `NoBody` |
-//! | the body was dropped mid-stream (client gone) or yielded an error | run (discarded with [`run_on_abort(false)`](BackgroundLayer::run_on_abort)) | run, see `Aborted` / `BodyError` |
+//! | a 1xx, 2xx or 3xx response whose body finished, or had nothing to send | run | run, see `Finished` / `NoBody` |
+//! | the same, but the body was aborted (client gone, stream reset) or yielded an error | run (discarded with [`run_on_abort(false)`](BackgroundLayer::run_on_abort)) | run, see `Aborted` / `BodyError` |
+//! | a 4xx or 5xx response (rejected, failed, a `TimeoutLayer` 408, a `CatchPanicLayer` 500) | skipped | run, see [`Completion::status`] |
 //! | the inner service returned `Err`, or the response future was dropped | discarded | discarded |
 //!
 //! Work the handler committed to is not lost because a client went away.
-//! After-effects of a request that never produced a response do not fire;
-//! each such request logs one warn-level event saying how many tasks it
-//! discarded and why. Every response the inner service returns, whatever
-//! its status, runs its tasks: use [`add_with`](BackgroundTasks::add_with)
-//! and [`Completion::status`] to decide per task.
+//! By default a task runs only after a success, as in FastAPI and Laravel:
+//! [`RunPolicy`] says so per layer ([`BackgroundLayer::run_policy`]) or per
+//! task ([`TaskOptions::run_policy`]): [`RunPolicy::Always`] runs after any
+//! response, [`RunPolicy::OnDelivery`] only when the body went out whole.
+//! Skipped tasks are counted in [`Stats::skipped`] and logged at debug
+//! level. After-effects of a request that never produced a response do not
+//! fire; each such request logs one warn-level event saying how many tasks
+//! it discarded and why.
+//!
+//! # Production controls
+//!
+//! | setting | what it bounds |
+//! |---|---|
+//! | [`max_concurrent_tasks`](BackgroundLayer::max_concurrent_tasks) | tasks running at once; the others wait in FIFO order |
+//! | [`max_pending_tasks`](BackgroundLayer::max_pending_tasks) | tasks added and not started: `poll_ready` reports not ready at the bound (tower backpressure; a 503 with `LoadShedLayer`) |
+//! | [`max_tasks_per_request`](BackgroundLayer::max_tasks_per_request) | tasks one request may add; the rest are refused and counted |
+//! | [`task_timeout`](BackgroundLayer::task_timeout) | how long one task may run |
+//! | [`request_time_budget`](BackgroundLayer::request_time_budget) | how long one request's tasks may take in all |
+//!
+//! Tasks can be [named](TaskOptions::name): the name is a field of their
+//! span, a named task replaces the request's pending task of the same name,
+//! and [`BackgroundTasks::forget`] takes one back.
+//! [`on_task_end`](BackgroundLayer::on_task_end) sees every task's end
+//! (name, outcome, error, queue and run times, method and path), and the
+//! `metrics` feature records counters, gauges and histograms.
 //!
 //! # Failures
 //!
@@ -158,6 +179,8 @@
 //! | feature | default | what |
 //! |---|---|---|
 //! | `axum` | off | [`BackgroundTasks`] is an axum extractor (depends on `axum-core` only) |
+//! | `serde` | off | `Serialize` for [`Stats`] and [`ShutdownReport`], so a `/stats` route is one line |
+//! | `metrics` | off | through the [`metrics`](https://docs.rs/metrics) facade: the counter `background_tasks_ended_total` (labels `outcome`, the [`Stats`] field, and `task`, the name where set), the gauges `background_tasks_pending` and `background_tasks_running`, the histograms `background_task_queued_seconds` (added to started) and `background_task_run_seconds` (label `task`). No route label: the raw path is unbounded |
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![forbid(unsafe_code)]

@@ -52,7 +52,10 @@ impl BackgroundTasks {
     ///
     /// Its output is `()` or a `Result` (see [`TaskOutput`]). It runs on the
     /// tokio runtime inside a `background_task` span, in the order of
-    /// [`Execution`]. If the response is aborted it still runs, unless
+    /// [`Execution`](crate::Execution), if the layer's
+    /// [`RunPolicy`] allows it for the response (by default: a 1xx, 2xx or
+    /// 3xx status; [`options`](Self::options) sets another per task). If the
+    /// response is aborted it still runs, unless
     /// [`run_on_abort(false)`](crate::BackgroundLayer::run_on_abort).
     ///
     /// ```
