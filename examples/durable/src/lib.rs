@@ -1049,6 +1049,19 @@ async fn create_invoice_in_process(
     Ok((StatusCode::CREATED, Json(InvoiceCreated { job_key })))
 }
 
+/// At most this many after-response tasks run at once (the rest wait in
+/// order). A burst of requests would otherwise start one push per request at
+/// the same moment: thousands of pushes waiting on a few connections, until
+/// the pool's acquire timeout (SQLite, Postgres) or the Redis client's 500 ms
+/// response timeout fails them.
+pub const MAX_CONCURRENT_TASKS: usize = 256;
+
+/// The layer that runs the after-response tasks, with
+/// [`MAX_CONCURRENT_TASKS`].
+pub fn background_layer() -> BackgroundLayer {
+    BackgroundLayer::new().max_concurrent_tasks(MAX_CONCURRENT_TASKS)
+}
+
 /// The router with its layers: background tasks inside, the request timeout
 /// outside (a timeout drops the request's future, and the tasks it staged are
 /// discarded).
@@ -1159,7 +1172,7 @@ pub async fn start(store: Store, config: Config) -> Result<App, BoxDynError> {
         (stop, run)
     });
 
-    let background = BackgroundLayer::new();
+    let background = background_layer();
     let handle = background.handle();
     let router = router(
         &store,

@@ -20,7 +20,6 @@ use durable::{
     jobs_done, parse_fail_first, router, run_worker, start, Backend, BoxDynError, Config,
     InvoiceCreated, Ledger, MailServer, NewInvoice, QueueConfig, Register, Store,
 };
-use tower_background::BackgroundLayer;
 
 const USAGE: &str = "\
 usage: durable [serve|worker|bench|demo|help] [options]
@@ -192,7 +191,7 @@ async fn serve(args: Args) -> Result<(), BoxDynError> {
     for email in &args.stalling {
         ledger = ledger.stalling(email);
     }
-    let background = BackgroundLayer::new();
+    let background = durable::background_layer();
     let handle = background.handle();
     let app = router(
         &store,

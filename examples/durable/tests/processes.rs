@@ -416,10 +416,28 @@ async fn postgres_one_web_two_workers_1000_requests() {
 // ---------------------------------------------------------------------------
 
 async fn killed_worker_job_is_recovered(mut target: Target) {
-    // Short heartbeats: a worker silent for 2 x 500 ms is dead.
-    target.queue.heartbeat = Duration::from_millis(500);
-    target.queue.missed_heartbeats = 2;
-    let hb = ["--heartbeat-ms", "500", "--missed-heartbeats", "2"];
+    // Short heartbeats: a worker silent for 2 x 500 ms is dead. To measure
+    // other settings, set DURABLE_HEARTBEAT_MS and DURABLE_MISSED_HEARTBEATS.
+    let setting = |name: &str, default: u64| {
+        std::env::var(name)
+            .ok()
+            .map(|v| v.parse::<u64>().expect("a number"))
+            .unwrap_or(default)
+    };
+    let heartbeat_ms = setting("DURABLE_HEARTBEAT_MS", 500);
+    let missed = setting("DURABLE_MISSED_HEARTBEATS", 2);
+    target.queue.heartbeat = Duration::from_millis(heartbeat_ms);
+    target.queue.missed_heartbeats = missed as usize;
+    let (heartbeat_arg, missed_arg) = (heartbeat_ms.to_string(), missed.to_string());
+    let hb = [
+        "--heartbeat-ms",
+        heartbeat_arg.as_str(),
+        "--missed-heartbeats",
+        missed_arg.as_str(),
+    ];
+    // The dead worker's last heartbeat, the timeout, the survivor's next
+    // heartbeat, and a margin (Redis counts in whole seconds).
+    let recovery_limit = Duration::from_millis(heartbeat_ms * (missed + 2) + 10_000);
     let store = target.store().await;
 
     // w1 takes the job; its first attempt hangs.
@@ -436,9 +454,12 @@ async fn killed_worker_job_is_recovered(mut target: Target) {
     let w2 = Proc::worker(&target, "w2", &hb).await;
     let killed = Instant::now();
     w1.kill().await;
-    until_log(&store, "w2 to send the recovered job", LIMIT, |log| {
-        delivery(log, "invoice-crash").is_some_and(|d| d.sends == 1)
-    })
+    until_log(
+        &store,
+        "w2 to send the recovered job",
+        recovery_limit,
+        |log| delivery(log, "invoice-crash").is_some_and(|d| d.sends == 1),
+    )
     .await;
     let recovered_in = killed.elapsed();
     all_done(&store, 1, LIMIT).await;
@@ -449,7 +470,7 @@ async fn killed_worker_job_is_recovered(mut target: Target) {
     assert_eq!(d.sent_by, worker_name(&target, "w2"));
     println!(
         "{}: job of the killed worker sent by the other {:.2} s after SIGKILL \
-         (heartbeat 500 ms, dead after 2 missed)",
+         (heartbeat {heartbeat_ms} ms, dead after {missed} missed)",
         target.backend.describe(),
         recovered_in.as_secs_f64()
     );
