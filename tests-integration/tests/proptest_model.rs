@@ -16,8 +16,8 @@
 //! task's run policy, and `run_on_abort`) the fate, order and `Stats` bucket
 //! of every task. The harness also checks the timing rule:
 //! no task starts, and `Stats` shows none started, before the server has let
-//! go of the ended body (dropped it, polled it again after its end, or got
-//! `None` from it); the tasks themselves check a "let go" flag that the
+//! go of the ended body (dropped it, or polled it again after its end,
+//! `None` included); the tasks themselves check a "let go" flag that the
 //! harness sets right before that moment.
 //!
 //! `concurrency_limit_holds_across_requests`: 1 to 4 requests at once
@@ -210,8 +210,9 @@ enum Reply {
         /// The driver polls at most this many times, then drops the body
         /// (`Some(0)`: never polled). `None`: polls to the end.
         polls: Option<u8>,
-        /// The driver (like `collect()`) keeps polling a body that reports
-        /// `is_end_stream()`; otherwise it stops there, like hyper.
+        /// A naive driver: it keeps polling a body that reports
+        /// `is_end_stream()`, and polls once more after `None`; otherwise it
+        /// stops at either, like hyper.
         ignore_eos: bool,
         status: Status,
         /// The request is a `HEAD` request.
@@ -445,15 +446,15 @@ struct History {
     got_none: bool,
     polls: usize,
     /// The checkpoint at which the server lets go of the ended body (the
-    /// tasks start there): the first poll made after the body's end, the
-    /// poll that gets `None`, or else the drop.
+    /// tasks start there): the first poll made after the body's end, or
+    /// else the drop.
     let_go_cp: usize,
 }
 
-/// Simulates the driver on the script: it stops after `limit` polls, at
-/// `None` or an error, and (unless `ignore_eos`) when the body reports
-/// `is_end_stream()`. Checkpoint `1 + j` follows poll `j`; `2 + polls`
-/// follows the drop.
+/// Simulates the driver on the script: it stops after `limit` polls, at an
+/// error, and at `None` and when the body reports `is_end_stream()` (unless
+/// `ignore_eos`: then it stops at the second `None`). Checkpoint `1 + j`
+/// follows poll `j`; `2 + polls` follows the drop.
 fn simulate(frames: &[Piece], eos_hint: bool, ignore_eos: bool, limit: Option<u8>) -> History {
     let mut idx = 0;
     let mut h = History {
@@ -462,10 +463,11 @@ fn simulate(frames: &[Piece], eos_hint: bool, ignore_eos: bool, limit: Option<u8
         polls: 0,
         let_go_cp: 0,
     };
-    // The body has yielded a frame that ends it (trailers, error, or data
-    // after which it reports its end).
+    // The body has ended (`None`, trailers, or data after which it reports
+    // its end; the driver stops at an error).
     let mut ended = false;
     let mut let_go = None;
+    let mut nones = 0;
     loop {
         if limit.is_some_and(|l| h.polls == l as usize) {
             break;
@@ -482,8 +484,12 @@ fn simulate(frames: &[Piece], eos_hint: bool, ignore_eos: bool, limit: Option<u8
         }
         let Some(&piece) = frames.get(idx) else {
             h.got_none = true;
-            let_go.get_or_insert(cp);
-            break;
+            ended = true;
+            nones += 1;
+            if !ignore_eos || nones == 2 {
+                break;
+            }
+            continue;
         };
         idx += 1;
         match piece {
@@ -720,7 +726,7 @@ fn buckets(stats: &Stats) -> [u64; 4] {
 #[derive(Default)]
 struct Probe {
     /// Set by the harness right before it drops the body or polls it again
-    /// after its end, and by the body itself when it returns `None`.
+    /// after its end.
     let_go: AtomicBool,
     /// Every task's entry, in the order they started.
     entered: Mutex<Vec<String>>,
@@ -792,18 +798,16 @@ struct ScriptBody {
     eos_hint: bool,
     exact: bool,
     data_left: u64,
-    probe: Arc<Probe>,
 }
 
 impl ScriptBody {
-    fn new(frames: Vec<Piece>, eos_hint: bool, exact: bool, probe: &Arc<Probe>) -> Self {
+    fn new(frames: Vec<Piece>, eos_hint: bool, exact: bool) -> Self {
         let data_left = frames.iter().filter(|p| **p == Piece::Data).count() as u64;
         ScriptBody {
             frames: frames.into(),
             eos_hint,
             exact,
             data_left,
-            probe: Arc::clone(probe),
         }
     }
 }
@@ -817,8 +821,6 @@ impl Body for ScriptBody {
         _cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
         let Some(piece) = self.frames.pop_front() else {
-            // The server gets `None`: it lets go of the body here.
-            self.probe.let_go.store(true, SeqCst);
             return Poll::Ready(None);
         };
         Poll::Ready(Some(match piece {
@@ -1051,7 +1053,7 @@ async fn drive(s: &Scenario, m: &Model) -> Observed {
                     status,
                     ..
                 } => {
-                    let body = ScriptBody::new(script(data, end), eos_hint, exact, &probe);
+                    let body = ScriptBody::new(script(data, end), eos_hint, exact);
                     let mut res = Response::new(body);
                     *res.status_mut() = status.code();
                     if content_length {
@@ -1080,9 +1082,9 @@ async fn drive(s: &Scenario, m: &Model) -> Observed {
             let res = svc.oneshot(req).await.expect("a response");
             d.checkpoint(1).await;
             let mut body: BackgroundBody<ScriptBody> = res.into_body();
-            // The driver's own view: the body has handed over a frame that
-            // ends it.
+            // The driver's own view: the body has ended.
             let mut ended = false;
+            let mut nones = 0;
             loop {
                 if limit.is_some_and(|l| polls == l as usize)
                     || (!ignore_eos && body.is_end_stream())
@@ -1096,7 +1098,12 @@ async fn drive(s: &Scenario, m: &Model) -> Observed {
                 let frame = body.frame().await;
                 polls += 1;
                 let stop = match &frame {
-                    None | Some(Err(_)) => true,
+                    None => {
+                        ended = true;
+                        nones += 1;
+                        !ignore_eos || nones == 2
+                    }
+                    Some(Err(_)) => true,
                     Some(Ok(f)) => {
                         ended |= f.is_trailers() || body.is_end_stream();
                         false
@@ -1645,7 +1652,7 @@ fn start_load(l: &Load) -> InFlight {
                 return Err(std::io::Error::other("handler failed"));
             }
             let frames = vec![Piece::Data; request.plan.frames().into()];
-            let mut res = Response::new(ScriptBody::new(frames, false, false, &probe));
+            let mut res = Response::new(ScriptBody::new(frames, false, false));
             if request.server_error {
                 *res.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
             }
@@ -2426,9 +2433,10 @@ fn model_named_tasks_replace_pending_ones() {
 
 /// The timing rule, each way the server lets go: tasks start at the poll
 /// after the trailers, at the drop after a data frame that ends the body,
-/// at the poll after it when the driver ignores `is_end_stream`, at `None`,
-/// and at the drop after an error; never inside the poll that hands over the
-/// last frame (the checkpoint after that poll yields and checks `Stats`).
+/// at the poll after it when the driver ignores `is_end_stream`, at the
+/// drop after `None` or the poll after it, and at the drop after an error;
+/// never inside the poll that ends the body (the checkpoint after that poll
+/// yields and checks `Stats`).
 #[test]
 fn model_tasks_start_when_the_server_lets_go() {
     for multi_thread in [false, true] {
@@ -2438,6 +2446,7 @@ fn model_tasks_start_when_the_server_lets_go() {
             (End::Clean, true, false),
             (End::Clean, true, true),
             (End::Clean, false, false),
+            (End::Clean, false, true),
             (End::Error, false, false),
         ] {
             let reply = Reply::Body {
