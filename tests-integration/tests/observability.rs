@@ -1,0 +1,131 @@
+//! Observability outside tracing: `Stats` and `ShutdownReport` serialized
+//! (feature `serde`), and the `metrics` feature read through a debugging
+//! recorder.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+use metrics_util::{CompositeKey, MetricKind};
+use tower::{service_fn, Layer, ServiceExt};
+use tower_background::{BackgroundLayer, BackgroundTasks, Stats};
+
+const LIMIT: Duration = Duration::from_secs(10);
+
+/// One request answered with `status`, whose handler runs `queue`.
+async fn request(layer: &BackgroundLayer, status: StatusCode, queue: fn(&BackgroundTasks)) {
+    let svc = layer.layer(service_fn(move |req: Request<()>| {
+        queue(req.extensions().get::<BackgroundTasks>().unwrap());
+        let mut res = Response::new(Full::new(Bytes::from_static(b"ok")));
+        *res.status_mut() = status;
+        std::future::ready(Ok::<_, Infallible>(res))
+    }));
+    let res = svc.oneshot(Request::new(())).await.unwrap();
+    res.into_body().collect().await.unwrap();
+    tokio::time::timeout(LIMIT, layer.handle().wait_idle())
+        .await
+        .expect("idle");
+}
+
+fn failing(tasks: &BackgroundTasks) {
+    tasks
+        .named("email")
+        .add(async { Err::<(), _>("smtp is down") });
+    tasks.add(async {});
+}
+
+#[tokio::test]
+async fn stats_and_the_shutdown_report_serialize_with_every_field() {
+    let layer = BackgroundLayer::new();
+    request(&layer, StatusCode::OK, failing).await;
+    request(&layer, StatusCode::BAD_REQUEST, failing).await;
+    let stats: Stats = layer.handle().stats();
+    let json = serde_json::to_value(stats).unwrap();
+    assert_eq!(json["completed"], 1);
+    assert_eq!(json["failed"], 1);
+    assert_eq!(json["skipped"], 2);
+    for field in [
+        "pending",
+        "running",
+        "completed",
+        "failed",
+        "panicked",
+        "timed_out",
+        "discarded",
+        "cancelled",
+        "skipped",
+        "refused",
+        "replaced",
+    ] {
+        assert!(json.get(field).is_some(), "{field} missing from {json}");
+    }
+    let report = layer.handle().shutdown(Duration::ZERO).await;
+    let json = serde_json::to_value(report).unwrap();
+    assert_eq!(json, serde_json::json!({"completed": 0, "cancelled": 0}));
+}
+
+#[test]
+fn the_metrics_feature_counts_every_ending_with_the_task_name() {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    metrics::with_local_recorder(&recorder, || {
+        // A current-thread runtime: every task ends on this thread, where the
+        // local recorder is installed.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let layer = BackgroundLayer::new();
+            request(&layer, StatusCode::OK, failing).await;
+            request(&layer, StatusCode::INTERNAL_SERVER_ERROR, failing).await;
+        });
+    });
+    let snapshot = snapshotter.snapshot().into_vec();
+    let find = |kind: MetricKind, name: &str, labels: &[(&str, &str)]| {
+        snapshot
+            .iter()
+            .find(|(key, _, _, _): &&(CompositeKey, _, _, DebugValue)| {
+                let k = key.key();
+                key.kind() == kind
+                    && k.name() == name
+                    && k.labels().count() == labels.len()
+                    && labels
+                        .iter()
+                        .all(|(l, v)| k.labels().any(|x| x.key() == *l && x.value() == *v))
+            })
+            .map(|(_, _, _, value)| value)
+    };
+    let counter = |labels: &[(&str, &str)]| match find(
+        MetricKind::Counter,
+        "background_tasks_ended_total",
+        labels,
+    ) {
+        Some(DebugValue::Counter(n)) => *n,
+        other => panic!("no counter {labels:?}: {other:?} in {snapshot:?}"),
+    };
+    assert_eq!(counter(&[("outcome", "failed"), ("task", "email")]), 1);
+    assert_eq!(counter(&[("outcome", "completed")]), 1);
+    assert_eq!(counter(&[("outcome", "skipped"), ("task", "email")]), 1);
+    assert_eq!(counter(&[("outcome", "skipped")]), 1);
+    // The run time of the two tasks that ran; none for the skipped ones.
+    match find(MetricKind::Histogram, "background_task_run_seconds", &[]) {
+        Some(DebugValue::Histogram(values)) => assert_eq!(values.len(), 1),
+        other => panic!("no run-time histogram: {other:?}"),
+    }
+    match find(
+        MetricKind::Histogram,
+        "background_task_queued_seconds",
+        &[("task", "email")],
+    ) {
+        Some(DebugValue::Histogram(values)) => assert_eq!(values.len(), 1),
+        other => panic!("no queue-time histogram: {other:?}"),
+    }
+    match find(MetricKind::Gauge, "background_tasks_pending", &[]) {
+        Some(DebugValue::Gauge(v)) => assert_eq!(v.0, 0.0),
+        other => panic!("no pending gauge: {other:?}"),
+    }
+}
