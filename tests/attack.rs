@@ -1442,28 +1442,66 @@ async fn h2_mean_latency(addr: SocketAddr, n: usize) -> Duration {
     total / n as u32
 }
 
-fn latency_handler(with_task: bool, streaming: bool) -> Handler {
+/// How a latency test's response body ends.
+#[derive(Debug, Clone, Copy)]
+enum Ending {
+    /// One data frame after which the body reports `is_end_stream`.
+    Whole,
+    /// One data frame, then `None` (a stream, an SSE body).
+    Stream,
+    /// One data frame, then a trailers frame (gRPC).
+    Trailers,
+}
+
+/// A body of one data frame, then trailers (as tonic's replies end).
+struct WithTrailers {
+    state: u8,
+}
+
+impl http_body::Body for WithTrailers {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        self.state += 1;
+        Poll::Ready(match self.state {
+            1 => Some(Ok(Frame::data(Bytes::from_static(b"a reply")))),
+            2 => {
+                let mut trailers = http::HeaderMap::new();
+                trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                Some(Ok(Frame::trailers(trailers)))
+            }
+            _ => None,
+        })
+    }
+}
+
+fn latency_handler(with_task: bool, ending: Ending) -> Handler {
     Arc::new(move |_req, tasks| {
         if with_task {
             tasks.add(async {});
         }
-        let body = if streaming {
-            Chunks { left: 1, size: 64 }.boxed()
-        } else {
-            full("a small response body, sent whole")
+        let body = match ending {
+            Ending::Whole => full("a small response body, sent whole"),
+            Ending::Stream => Chunks { left: 1, size: 64 }.boxed(),
+            Ending::Trailers => WithTrailers { state: 0 }.boxed(),
         };
         Box::pin(async move { Response::new(body) })
     })
 }
 
-/// With one core busy and no `TCP_NODELAY`, the mean HTTP/2 latency of a
-/// response whose handler adds a task stays within 1.5x + 0.2 ms of the
-/// same server without the layer. Timing-sensitive: run by hand with
+/// With one core busy (`ATTACK_IDLE=1`: none) and no `TCP_NODELAY`, the mean
+/// HTTP/2 latency of a response whose handler adds a task stays within
+/// 1.5x + 0.2 ms of the same server without the layer, for a body that ends
+/// whole, with `None`, or with trailers. Timing-sensitive: run by hand with
 /// `cargo test --test attack -- --ignored h2_latency --nocapture`.
 #[test]
-#[ignore = "timing on a shared machine: run by hand (cargo test --test attack h2_latency -- --ignored)"]
+#[ignore = "bug: over HTTP/2 a body that ends with None is held ~40 ms when its handler added a task (timing: run by hand)"]
 fn h2_latency_with_a_task_and_a_busy_core() {
-    let busy = Arc::new(AtomicBool::new(true));
+    let busy = Arc::new(AtomicBool::new(std::env::var_os("ATTACK_IDLE").is_none()));
     let b = busy.clone();
     let hog = std::thread::spawn(move || {
         let mut x = 0u64;
@@ -1482,10 +1520,10 @@ fn h2_latency_with_a_task_and_a_busy_core() {
         .build()
         .unwrap();
     let mut failures = Vec::new();
-    for streaming in [false, true] {
+    for ending in [Ending::Whole, Ending::Stream, Ending::Trailers] {
         let layer = BackgroundLayer::new();
-        let bare = server.block_on(serve(None, latency_handler(false, streaming)));
-        let with = server.block_on(serve(Some(&layer), latency_handler(true, streaming)));
+        let bare = server.block_on(serve(None, latency_handler(false, ending)));
+        let with = server.block_on(serve(Some(&layer), latency_handler(true, ending)));
         let n = 300;
         // Warm up, then interleave the two a few times.
         client.block_on(h2_mean_latency(bare, 20));
@@ -1499,13 +1537,13 @@ fn h2_latency_with_a_task_and_a_busy_core() {
         let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
         let (b, w) = (mean(&bare_ms), mean(&with_ms));
         println!(
-            "h2, {} body, one core busy: bare {bare_ms:.3?} ms (mean {b:.3}), with a task {with_ms:.3?} ms (mean {w:.3})",
-            if streaming { "streaming (ends with None)" } else { "full" }
+            "h2, body ends {ending:?}, one core busy: {}: bare {bare_ms:.3?} ms (mean {b:.3}), \
+             with a task {with_ms:.3?} ms (mean {w:.3})",
+            busy.load(SeqCst)
         );
         if w > 1.5 * b + 0.2 {
             failures.push(format!(
-                "{} body: {w:.3} ms with a task against {b:.3} ms bare",
-                if streaming { "streaming" } else { "full" }
+                "body ends {ending:?}: {w:.3} ms with a task against {b:.3} ms bare"
             ));
         }
     }
