@@ -13,8 +13,9 @@
 //! adds and the body's drop on a thread outside the runtime. The model
 //! derives how the response ended (`Outcome`) from what the body handed out
 //! and what the server did with it, and from that (with the layer's or the
-//! task's run policy, and `run_on_abort`) the fate, order and `Stats` bucket
-//! of every task. The harness also checks the timing rule:
+//! task's run policy, `run_on_abort`, task names and
+//! `max_tasks_per_request`) the fate, order and `Stats` bucket of every
+//! task. The harness also checks the timing rule:
 //! no task starts, and `Stats` shows none started, before the server has let
 //! go of the ended body (dropped it, or polled it again after its end,
 //! `None` included); the tasks themselves check a "let go" flag that the
@@ -251,6 +252,9 @@ struct Scenario {
     off_runtime: bool,
     /// The layer's run policy; `None`: the default (`OnSuccess`).
     policy: Option<Policy>,
+    /// `max_tasks_per_request`; used only where the model is sure of it
+    /// (a response, no names, no shutdown).
+    per_request: Option<u8>,
 }
 
 fn kind() -> impl Strategy<Value = Kind> {
@@ -352,7 +356,10 @@ fn scenario() -> impl Strategy<Value = Scenario> {
         any::<bool>(),
         any::<bool>(),
         prop::bool::weighted(0.25),
-        prop::option::weighted(0.5, policy()),
+        (
+            prop::option::weighted(0.5, policy()),
+            prop::option::weighted(0.2, 1u8..4),
+        ),
     )
         .prop_map(
             |(
@@ -366,7 +373,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                 yields,
                 multi_thread,
                 off_runtime,
-                policy,
+                (policy, per_request),
             )| Scenario {
                 execution,
                 run_on_abort,
@@ -379,6 +386,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                 multi_thread,
                 off_runtime,
                 policy,
+                per_request,
             },
         )
 }
@@ -399,6 +407,8 @@ enum Fate {
     Discarded,
     /// Its run policy does not allow it for this response.
     Skipped,
+    /// Added beyond `max_tasks_per_request`.
+    Refused,
     /// A later task of the same name replaced it while it was pending.
     Replaced,
     Cancelled,
@@ -562,6 +572,8 @@ fn outcome_of(d: &Declared, h: &History) -> Outcome {
 struct Model {
     /// The name each task is added with.
     names: Vec<Option<bool>>,
+    /// The layer's `max_tasks_per_request`.
+    per_request: Option<u8>,
     /// Number of body polls the driver makes.
     polls: usize,
     /// Shown in failure reports.
@@ -634,13 +646,21 @@ impl Model {
         let names: Vec<Option<bool>> = (0..s.tasks.len())
             .map(|i| s.tasks[i].name.filter(|_| key_of(i) < held_until))
             .collect();
+        let per_request = s.per_request.filter(|_| {
+            completion.is_some() && s.shutdown.is_none() && names.iter().all(Option::is_none)
+        });
         let mut fates = Vec::new();
         for (i, t) in s.tasks.iter().enumerate() {
             let add: Key = (add_cp[i], if t.late.is_some() { 2 } else { 0 });
             let replaced = names[i].is_some()
                 && (0..s.tasks.len())
                     .any(|j| names[j] == names[i] && (key_of(j), j) > (key_of(i), i));
-            let fate = if replaced {
+            let before = (0..s.tasks.len())
+                .filter(|&j| (key_of(j), j) < (key_of(i), i))
+                .count();
+            let fate = if per_request.is_some_and(|cap| before >= cap as usize) {
+                Fate::Refused
+            } else if replaced {
                 Fate::Replaced
             } else if shutdown_key < add {
                 Fate::Cancelled
@@ -677,6 +697,7 @@ impl Model {
         let racy = fates.contains(&Fate::Racy);
         Model {
             names,
+            per_request,
             polls,
             checkpoints,
             let_go_cp,
@@ -1017,6 +1038,9 @@ async fn drive(s: &Scenario, m: &Model) -> Observed {
     if let Some(policy) = s.policy {
         layer = layer.run_policy(policy.of_layer());
     }
+    if let Some(cap) = m.per_request {
+        layer = layer.max_tasks_per_request(cap.into());
+    }
     let probe: Arc<Probe> = Arc::default();
     let gauge: Arc<Gauge> = Arc::default();
     let slot: Arc<Mutex<Option<BackgroundTasks>>> = Arc::default();
@@ -1221,7 +1245,7 @@ fn check(s: &Scenario, m: &Model, o: &Observed) -> Result<(), TestCaseError> {
     prop_assert_eq!(st.discarded, expect_count(Fate::Discarded), "discarded");
     prop_assert_eq!(st.skipped, expect_count(Fate::Skipped), "skipped");
     prop_assert_eq!(st.replaced, expect_count(Fate::Replaced), "replaced");
-    prop_assert_eq!(st.refused, 0, "refused");
+    prop_assert_eq!(st.refused, expect_count(Fate::Refused), "refused");
 
     // No task entered twice, and only tasks that may run entered.
     let mut seen = std::collections::HashSet::new();
@@ -1297,7 +1321,7 @@ fn check(s: &Scenario, m: &Model, o: &Observed) -> Result<(), TestCaseError> {
         );
         prop_assert_eq!(
             st.cancelled,
-            n - ended - st.discarded - st.skipped - st.replaced,
+            n - ended - st.discarded - st.skipped - st.replaced - st.refused,
             "the rest is cancelled"
         );
         if s.execution == Execution::Sequential {
@@ -2095,6 +2119,7 @@ fn base(reply: Reply, tasks: Vec<TaskSpec>) -> Scenario {
         multi_thread: false,
         off_runtime: false,
         policy: None,
+        per_request: None,
     }
 }
 
@@ -2427,6 +2452,41 @@ fn model_named_tasks_replace_pending_ones() {
             2
         };
         assert_eq!(replaced, want, "the model: {m:?}");
+        fixed(s);
+    }
+}
+
+/// `max_tasks_per_request(2)`: the third task a request adds, late or not,
+/// and every one after it is refused, whatever becomes of the response.
+#[test]
+fn model_tasks_beyond_the_per_request_cap_are_refused() {
+    for status in [Status::Ok, Status::ServerError] {
+        let mut reply = streamed(2, None);
+        if let Reply::Body { status: st, .. } = &mut reply {
+            *st = status;
+        }
+        let mut s = base(
+            reply,
+            vec![
+                t(Kind::Add, Behave::Ok, Some(1)),
+                t(Kind::With, Behave::Ok, None),
+                t(Kind::Blocking, Behave::Ok, None),
+                t(Kind::Add, Behave::Ok, None),
+            ],
+        );
+        s.per_request = Some(2);
+        let m = Model::new(&s);
+        // Added in the order t1, t2, t3 (the handler), t0 (late).
+        let t2 = if status == Status::Ok {
+            Fate::Runs
+        } else {
+            Fate::Skipped
+        };
+        assert_eq!(
+            m.fates,
+            [Fate::Refused, Fate::Runs, t2, Fate::Refused],
+            "the model: {m:?}"
+        );
         fixed(s);
     }
 }
