@@ -1499,7 +1499,7 @@ fn latency_handler(with_task: bool, ending: Ending) -> Handler {
 /// whole, with `None`, or with trailers. Timing-sensitive: run by hand with
 /// `cargo test --test attack -- --ignored h2_latency --nocapture`.
 #[test]
-#[ignore = "bug: over HTTP/2 a body that ends with None is held ~40 ms when its handler added a task (timing: run by hand)"]
+#[ignore = "timing on a shared machine: run by hand (cargo test --test attack h2_latency -- --ignored)"]
 fn h2_latency_with_a_task_and_a_busy_core() {
     let busy = Arc::new(AtomicBool::new(std::env::var_os("ATTACK_IDLE").is_none()));
     let b = busy.clone();
