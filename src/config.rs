@@ -91,7 +91,7 @@ pub(crate) struct Config {
     /// `max_pending_tasks`.
     pub(crate) max_pending: Option<usize>,
     /// `on_task_end`.
-    pub(crate) on_task_end: Option<crate::observe::Hook>,
+    pub(crate) on_task_end: Option<crate::ending::Hook>,
     /// `request_time_budget`.
     pub(crate) budget: Option<Duration>,
 }

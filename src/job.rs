@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 use tracing::Span;
 
 use crate::config::RunPolicy;
-use crate::registry::Bucket;
+use crate::ending::Ending;
 use crate::Completion;
 
 /// The output of a background task: `()` or `Result<T, E>`.
@@ -61,48 +61,6 @@ pub(crate) mod sealed {
     impl<T, E: std::fmt::Display> Sealed for Result<T, E> {
         fn into_failure(self) -> Option<String> {
             self.err().map(|e| e.to_string())
-        }
-    }
-}
-
-/// How a task ended: exactly one per task, and each lands in one bucket of
-/// [`Stats`](crate::Stats).
-#[derive(Debug)]
-pub(crate) enum Ending {
-    /// Ran to the end and returned `()` or `Ok`.
-    Completed,
-    /// Returned `Err`, with its `Display` text.
-    Failed(String),
-    /// Panicked, with the panic message.
-    Panicked(String),
-    /// Outlived the layer's `task_timeout`.
-    TimedOut,
-    /// Never ran: its request produced no response, or its response was
-    /// aborted and the layer does not run tasks on abort.
-    Discarded,
-    /// Stopped or never run: the layer was shut down, or the runtime went
-    /// away (an `add_blocking` closure whose join handle was cancelled).
-    Cancelled,
-    /// Never ran: its run policy did not allow it for this response.
-    Skipped,
-    /// Never queued: the request had reached `max_tasks_per_request`.
-    Refused,
-    /// Never ran: a newer task of the same name replaced it in its request.
-    Replaced,
-}
-
-impl Ending {
-    pub(crate) fn bucket(&self) -> Bucket {
-        match self {
-            Ending::Completed => Bucket::Completed,
-            Ending::Failed(_) => Bucket::Failed,
-            Ending::Panicked(_) => Bucket::Panicked,
-            Ending::TimedOut => Bucket::TimedOut,
-            Ending::Discarded => Bucket::Discarded,
-            Ending::Cancelled => Bucket::Cancelled,
-            Ending::Skipped => Bucket::Skipped,
-            Ending::Refused => Bucket::Refused,
-            Ending::Replaced => Bucket::Replaced,
         }
     }
 }

@@ -292,7 +292,7 @@ impl BackgroundLayer {
     where
         F: Fn(&crate::TaskEnd<'_>) + Send + Sync + 'static,
     {
-        self.config.on_task_end = Some(crate::observe::Hook(Arc::new(hook)));
+        self.config.on_task_end = Some(crate::ending::Hook(Arc::new(hook)));
         self
     }
 

@@ -187,13 +187,17 @@
 #![deny(missing_docs)]
 #![warn(missing_debug_implementations, unreachable_pub, rust_2018_idioms)]
 
-// Dependencies run one way, from the bottom of this list to the top:
-// `lib` ← `extract`, `layer` ← `service` ← `tasks`, `body` ← `request`
-// (a request's tasks from added to ended) ← `job`, `limit`, `registry`,
-// `config`, `completion`, `sync`; `handle` ← `registry`.
+// Dependencies run one way, each module using only those below it:
+//   extract → tasks
+//   layer → service → body, tasks → request (a request's tasks, from added
+//     to ended: phase word, drain token, dispatch, the runner)
+//   handle → registry
+//   request → observe → job → config → ending → registry → sync;
+//   request → limit → sync; config → limit; completion is used by all.
 mod body;
 mod completion;
 mod config;
+mod ending;
 #[cfg(feature = "axum")]
 mod extract;
 mod handle;
@@ -210,13 +214,13 @@ mod tasks;
 pub use body::BackgroundBody;
 pub use completion::{Completion, Outcome};
 pub use config::{Execution, RunPolicy};
+pub use ending::{TaskEnd, TaskOutcome};
 #[cfg(feature = "axum")]
 #[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
 pub use extract::MissingBackgroundLayer;
 pub use handle::{BackgroundHandle, ShutdownReport};
 pub use job::TaskOutput;
 pub use layer::BackgroundLayer;
-pub use observe::{TaskEnd, TaskOutcome};
 pub use registry::Stats;
 pub use service::{BackgroundService, ResponseFuture};
 pub use tasks::{BackgroundTasks, TaskOptions};

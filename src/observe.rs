@@ -6,107 +6,12 @@
 //! Nothing here costs anything unless a hook is set or the feature is on:
 //! then each task also reads the clock when it is added and when it starts.
 
-use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::Arc;
-use std::time::Duration;
-
-use http::Method;
 
 use crate::config::Config;
-use crate::job::{panic_message, Ending};
+use crate::ending::TaskEnd;
+use crate::job::panic_message;
 use crate::registry::Registry;
-
-/// How a task ended, as [`TaskEnd::outcome`] tells it. Each variant is one
-/// bucket of [`Stats`](crate::Stats).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum TaskOutcome<'a> {
-    /// Ran to the end and returned `()` or `Ok`.
-    Completed,
-    /// Returned `Err`, with its `Display` text.
-    Failed(&'a str),
-    /// Panicked, with the panic message.
-    Panicked(&'a str),
-    /// Outlived `task_timeout` or the request's `request_time_budget`.
-    TimedOut,
-    /// Never ran: no response, or an aborted one with `run_on_abort(false)`.
-    Discarded,
-    /// Stopped or never run because of the shutdown (or the runtime went away).
-    Cancelled,
-    /// Never ran: its run policy skipped it.
-    Skipped,
-    /// Never queued: over `max_tasks_per_request`.
-    Refused,
-    /// Never ran: replaced by a task of the same name, or forgotten.
-    Replaced,
-}
-
-impl TaskOutcome<'_> {
-    /// The name of its [`Stats`](crate::Stats) field: `"completed"`,
-    /// `"failed"`, ... (the `outcome` label of the `metrics` feature).
-    ///
-    /// ```
-    /// assert_eq!(tower_background::TaskOutcome::TimedOut.as_str(), "timed_out");
-    /// ```
-    #[must_use]
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            TaskOutcome::Completed => "completed",
-            TaskOutcome::Failed(_) => "failed",
-            TaskOutcome::Panicked(_) => "panicked",
-            TaskOutcome::TimedOut => "timed_out",
-            TaskOutcome::Discarded => "discarded",
-            TaskOutcome::Cancelled => "cancelled",
-            TaskOutcome::Skipped => "skipped",
-            TaskOutcome::Refused => "refused",
-            TaskOutcome::Replaced => "replaced",
-        }
-    }
-
-    pub(crate) fn of(ending: &Ending) -> TaskOutcome<'_> {
-        match ending {
-            Ending::Completed => TaskOutcome::Completed,
-            Ending::Failed(error) => TaskOutcome::Failed(error),
-            Ending::Panicked(panic) => TaskOutcome::Panicked(panic),
-            Ending::TimedOut => TaskOutcome::TimedOut,
-            Ending::Discarded => TaskOutcome::Discarded,
-            Ending::Cancelled => TaskOutcome::Cancelled,
-            Ending::Skipped => TaskOutcome::Skipped,
-            Ending::Refused => TaskOutcome::Refused,
-            Ending::Replaced => TaskOutcome::Replaced,
-        }
-    }
-}
-
-/// One task's end, given to the hook of
-/// [`BackgroundLayer::on_task_end`](crate::BackgroundLayer::on_task_end).
-#[derive(Debug)]
-#[non_exhaustive]
-pub struct TaskEnd<'a> {
-    /// The task's [name](crate::TaskOptions::name), if it has one.
-    pub name: Option<&'static str>,
-    /// How it ended.
-    pub outcome: TaskOutcome<'a>,
-    /// From when it was added to when it started; `None` if it never started.
-    pub queued: Option<Duration>,
-    /// From when it started to when it ended; `None` if it never started.
-    pub ran: Option<Duration>,
-    /// The method of its request.
-    pub method: Option<&'a Method>,
-    /// The path of its request (never the query).
-    pub path: Option<&'a str>,
-}
-
-/// The hook of `on_task_end`.
-#[derive(Clone)]
-pub(crate) struct Hook(pub(crate) Arc<dyn Fn(&TaskEnd<'_>) + Send + Sync>);
-
-impl fmt::Debug for Hook {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Fn(&TaskEnd)")
-    }
-}
 
 /// Whether task ends are observed at all: timestamps are taken only then.
 #[inline]

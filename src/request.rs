@@ -47,9 +47,10 @@ use tokio::time::{Instant, Sleep};
 use tracing::Span;
 
 use crate::config::{Config, Execution};
-use crate::job::{drop_guarded, panic_message, Ending, Job, Options, Start, TaskList};
+use crate::ending::{Ending, TaskEnd, TaskOutcome};
+use crate::job::{drop_guarded, panic_message, Job, Options, Start, TaskList};
 use crate::limit::{Acquired, Parked};
-use crate::observe::{self, TaskEnd, TaskOutcome};
+use crate::observe;
 use crate::registry::{Bucket, Registry};
 use crate::sync::{AtomicU32, AtomicUsize, Mutex, MutexGuard};
 use crate::{Completion, Outcome};
