@@ -1664,3 +1664,234 @@ fn manual_server() {
 fn stream_body() -> Body {
     Chunks { left: 1, size: 64 }.boxed()
 }
+
+// ---------------------------------------------------------------------------
+// Production controls: run policies, time budgets, backpressure, the hook.
+// ---------------------------------------------------------------------------
+
+/// Queues a follow-up task when dropped: a cleanup guard held by a task.
+struct QueueOnDrop(BackgroundTasks, Arc<AtomicUsize>);
+
+impl Drop for QueueOnDrop {
+    fn drop(&mut self) {
+        self.1.fetch_add(1, SeqCst);
+        self.0.add(async {});
+    }
+}
+
+/// A task skipped by its run policy (a 500 under the default `OnSuccess`)
+/// is dropped like any other: its values may use the request's queue in
+/// their `Drop` (and the `on_task_end` hook may run) without a deadlock.
+#[test]
+#[ignore = "bug: tasks skipped by their run policy are dropped (and the hook called) under the request's lock: a Drop that uses the queue deadlocks"]
+fn a_skipped_task_whose_drop_adds_a_task_does_not_deadlock() {
+    let layer = BackgroundLayer::new().on_task_end(|_end| {});
+    let handle = layer.handle();
+    let dropped = Arc::new(AtomicUsize::new(0));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let d = dropped.clone();
+    let res = rt.block_on(support::call(
+        &layer,
+        Response::builder()
+            .status(StatusCode::INTERNAL_SERVER_ERROR)
+            .body(body_of("failed"))
+            .unwrap(),
+        move |tasks| {
+            let guard = QueueOnDrop(tasks.clone(), d);
+            tasks.add(async move {
+                let _guard = guard;
+            });
+        },
+    ));
+    // The body ends (dropped) on a thread of its own: a deadlock there
+    // fails the test instead of hanging it.
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let _ender = std::thread::spawn(move || {
+        let _guard = rt.enter();
+        drop(res);
+        let _ = done_tx.send(());
+    });
+    done_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("dropping the body of a 500 deadlocked: the skipped task was dropped under the request's lock");
+    assert_eq!(dropped.load(SeqCst), 1);
+    let s = handle.stats();
+    assert_eq!((s.skipped, s.pending, s.running), (2, 0, 0), "{s:?}");
+    assert_eq!(s.total(), 2, "{s:?}");
+}
+
+/// `request_time_budget` limits a request's tasks "in all, counted from the
+/// start of its first task", also when the request gives its permit of
+/// `max_concurrent_tasks` to another request between two of its tasks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "bug: a request that hands its permit to another request between two tasks starts a fresh time budget when it resumes"]
+async fn request_time_budget_holds_across_permit_waits() {
+    let layer = BackgroundLayer::new()
+        .max_concurrent_tasks(1)
+        .request_time_budget(Duration::from_millis(150));
+    let handle = layer.handle();
+    let ran = Arc::new(AtomicUsize::new(0));
+    let (b_ready_tx, b_ready_rx) = oneshot::channel::<()>();
+    let (a1_go_tx, a1_go_rx) = oneshot::channel::<()>();
+    let r = ran.clone();
+    // Request A: three tasks of 100 ms each; its budget allows about one and a half.
+    let res_a = support::call(&layer, Response::new(body_of("a")), move |tasks| {
+        let r1 = r.clone();
+        tasks.add(async move {
+            let _ = a1_go_rx.await; // until request B waits for the permit
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            r1.fetch_add(1, SeqCst);
+        });
+        for _ in 0..2 {
+            let r = r.clone();
+            tasks.add(async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                r.fetch_add(1, SeqCst);
+            });
+        }
+    })
+    .await;
+    drop(res_a);
+    within("A's first task", async {
+        while handle.stats().running < 1 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    // Request B waits for the permit, so A hands it over after its first task.
+    let res_b = support::call(&layer, Response::new(body_of("b")), move |tasks| {
+        tasks.add(async move {
+            let _ = b_ready_tx.send(());
+        });
+    })
+    .await;
+    drop(res_b);
+    a1_go_tx.send(()).unwrap();
+    within("B's task", b_ready_rx).await.unwrap();
+    within("the tasks", handle.wait_idle()).await;
+    let s = handle.stats();
+    println!("budget 150 ms, A's three 100 ms tasks with a permit wait between: {s:?}");
+    assert_eq!(
+        ran.load(SeqCst),
+        1,
+        "A's tasks ran past its 150 ms budget ({} of 3 completed): {s:?}",
+        ran.load(SeqCst)
+    );
+    assert_eq!((s.timed_out, s.completed), (2, 2), "{s:?}");
+}
+
+/// `max_pending_tasks`: every service clone waiting for room is woken when
+/// the backlog drains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_pending_tasks_wakes_every_waiting_service() {
+    const WAITERS: usize = 3;
+    let layer = BackgroundLayer::new().max_pending_tasks(2);
+    let handle = layer.handle();
+    let svc = layer.layer(service_fn(|req: Request<()>| {
+        let tasks = req.extensions().get::<BackgroundTasks>().unwrap().clone();
+        tasks.add(async {});
+        tasks.add(async {});
+        std::future::ready(Ok::<_, Infallible>(Response::new(body_of("x"))))
+    }));
+    // Fill the backlog: two pending tasks behind a body that is held.
+    let held = svc.clone().oneshot(Request::new(())).await.unwrap();
+    assert_eq!(handle.stats().pending, 2);
+    let mut waiters = Vec::new();
+    for _ in 0..WAITERS {
+        let mut svc = svc.clone();
+        waiters.push(tokio::spawn(async move {
+            std::future::poll_fn(|cx| tower::Service::poll_ready(&mut svc, cx))
+                .await
+                .unwrap();
+        }));
+    }
+    // They are all waiting for room.
+    for _ in 0..50 {
+        tokio::task::yield_now().await;
+    }
+    assert!(
+        waiters.iter().all(|w| !w.is_finished()),
+        "the backlog is full"
+    );
+    drop(held); // the two tasks start: room again
+    for w in waiters {
+        within("a service waiting for room", w).await.unwrap();
+    }
+    idle(&handle).await;
+}
+
+/// A hook that panics, on every path a task can end by (run, failed,
+/// skipped, discarded, refused, replaced, cancelled): the panic is caught,
+/// every task is counted once, the next task runs.
+#[tokio::test]
+async fn a_panicking_on_task_end_hook_is_contained() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let layer = BackgroundLayer::new()
+        .max_tasks_per_request(5)
+        .on_task_end(move |end| {
+            c.fetch_add(1, SeqCst);
+            panic!("hook panics on {}", end.outcome.as_str());
+        });
+    let handle = layer.handle();
+    let ran = Arc::new(AtomicUsize::new(0));
+    let r = ran.clone();
+    // A 200: a completed task, a failed one, a replaced one, a refused one,
+    // then the marker still runs.
+    let res = support::call(&layer, Response::new(body_of("x")), move |tasks| {
+        tasks.add(async {});
+        tasks.add(async { Err::<(), _>("failed") });
+        tasks.named("dup").add(async {});
+        tasks.named("dup").add(async {}); // replaces the first "dup"
+        add_marker(tasks, &r);
+        tasks.add(async {}); // refused: the sixth of at most five (a replaced task counts)
+    })
+    .await;
+    drop(res);
+    idle(&handle).await;
+    // A 500: its plain task is skipped.
+    let res = support::call(
+        &layer,
+        Response::builder()
+            .status(StatusCode::INTERNAL_SERVER_ERROR)
+            .body(body_of("no"))
+            .unwrap(),
+        |tasks| tasks.add(async {}),
+    )
+    .await;
+    drop(res);
+    // An inner error: discarded.
+    let svc = layer.layer(service_fn(|req: Request<()>| {
+        req.extensions()
+            .get::<BackgroundTasks>()
+            .unwrap()
+            .add(async {});
+        std::future::ready(Err::<Response<Full<Bytes>>, _>("inner error"))
+    }));
+    assert!(svc.oneshot(Request::new(())).await.is_err());
+    idle(&handle).await;
+    let s = handle.stats();
+    println!("hook called {} times: {s:?}", calls.load(SeqCst));
+    assert_eq!(ran.load(SeqCst), 1, "the marker ran: {s:?}");
+    assert_eq!(
+        (
+            s.completed,
+            s.failed,
+            s.replaced,
+            s.refused,
+            s.skipped,
+            s.discarded
+        ),
+        (3, 1, 1, 1, 1, 1),
+        "{s:?}"
+    );
+    assert_eq!(
+        calls.load(SeqCst) as u64,
+        s.total(),
+        "one hook call per task"
+    );
+    assert_settled(&handle, 8);
+}
