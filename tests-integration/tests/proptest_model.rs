@@ -44,8 +44,9 @@
 //! `PROPTEST_CASES` (default 512 for the first property, half that for the
 //! second, a quarter for the last two); a failing case shrinks to a small
 //! scenario, printed with the model's expectations next to what happened.
-//! On this 2-core machine the file takes about 5-9 s with the defaults and
-//! 25-35 s with `PROPTEST_CASES=2000`.
+//! On this 2-core machine, shared with other builds (load average about 10),
+//! the file took 4.6-8.2 s with the defaults and 22-34 s with
+//! `PROPTEST_CASES=2000` (the test binary's own "finished in" figure).
 //!
 //! ```sh
 //! cargo test -p tests-integration --test proptest_model
