@@ -10,28 +10,43 @@
 //! sent. Errors are FastAPI's: `{"detail": ...}` bodies, 404, 405, and 422 for
 //! a request that fails validation.
 //!
+//! The layer is set up for production as the crate's docs recommend (see
+//! [`Limits`]): at most as many tasks run at once as the SQLite pool has
+//! connections, a bound on pending tasks answers `503` at once when it is
+//! reached (tower's `LoadShedLayer` behind axum's `HandleErrorLayer`), each
+//! request may add a few tasks only, every task has a timeout, and a task
+//! runs only after a success (the default `RunPolicy::OnSuccess`, as in
+//! FastAPI: a `422` runs none).
+//!
 //! `src/main.rs` serves it; `tests/` call every route over HTTP and check
 //! its side effect after `handle.wait_idle()`.
 
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use axum::error_handling::HandleErrorLayer;
 use axum::extract::path::ErrorKind;
 use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{FromRequest, FromRequestParts, Query, RawPathParams, Request, State};
 use axum::http::request::Parts;
-use axum::http::{StatusCode, Uri};
+use axum::http::{header, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
 use tokio::io::AsyncWriteExt;
+use tower::load_shed::error::Overloaded;
+use tower::load_shed::LoadShedLayer;
+use tower::ServiceBuilder;
 use tower_background::{BackgroundHandle, BackgroundLayer, BackgroundTasks};
 
 /// Any error, for the example's fallible setup and tasks.
@@ -82,6 +97,54 @@ impl std::fmt::Display for Tutorial {
     }
 }
 
+/// The layer's production controls, and the deadlines of the clients its
+/// tasks use. [`Limits::default`] is what `cargo run -p fastapi-guide`
+/// serves with; tests shrink them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections in the SQLite pool, and the layer's
+    /// `max_concurrent_tasks`: every running task can have a connection at
+    /// once, so no task waits for the pool (or times out waiting for it)
+    /// while it counts against its `task_timeout`. The others wait in the
+    /// layer's FIFO, as pending tasks. Default 4.
+    pub db_pool_size: u32,
+    /// The layer's `max_pending_tasks`: tasks added and not started. At the
+    /// bound the app answers `503 {"detail": ...}` with `Retry-After: 1` at
+    /// once, queueing nothing, and counts the request in
+    /// [`App::shed`]. Default 1,024.
+    pub max_pending_tasks: usize,
+    /// The layer's `max_tasks_per_request`: the most a route adds is 3
+    /// (`POST /process`), so anything past 4 is a bug; it is refused and
+    /// counted in `Stats::refused`. Default 4.
+    pub max_tasks_per_request: usize,
+    /// The layer's `task_timeout`, a backstop behind the tasks' own
+    /// deadlines, which come first and fail the task with a clear error:
+    /// the pool's acquire timeout (10 s), SQLite's busy timeout (below) and
+    /// the mail client's timeout (10 s). Default 30 s.
+    pub task_timeout: Duration,
+    /// How long a statement waits for SQLite's write lock before it fails
+    /// with "database is locked". Default 5 s (sqlx's default).
+    pub db_busy_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            db_pool_size: 4,
+            max_pending_tasks: 1024,
+            max_tasks_per_request: 4,
+            task_timeout: Duration::from_secs(30),
+            db_busy_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// How long a task waits for a connection of the pool before it fails.
+pub const DB_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a welcome email may take, connection included.
+pub const MAIL_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Where the app keeps its side effects and whom it talks to.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -95,6 +158,8 @@ pub struct Config {
     pub database_path: PathBuf,
     /// The guide's app behind `POST /send-notification/{email}`.
     pub tutorial: Tutorial,
+    /// The layer's controls and the clients' deadlines.
+    pub limits: Limits,
 }
 
 impl Config {
@@ -108,11 +173,12 @@ impl Config {
             mail_url: mail_url.into(),
             redis_url: None,
             tutorial: Tutorial::default(),
+            limits: Limits::default(),
         }
     }
 
-    /// [`Config::new`], then `REDIS_URL`, `DATABASE_PATH` and `TUTORIAL` from
-    /// the environment.
+    /// [`Config::new`], then `REDIS_URL`, `DATABASE_PATH`, `TUTORIAL`,
+    /// `DB_POOL_SIZE` and `MAX_PENDING_TASKS` from the environment.
     pub fn from_env(
         data_dir: impl Into<PathBuf>,
         mail_url: impl Into<String>,
@@ -126,6 +192,12 @@ impl Config {
         }
         if let Ok(tutorial) = std::env::var("TUTORIAL") {
             config.tutorial = tutorial.parse()?;
+        }
+        if let Ok(size) = std::env::var("DB_POOL_SIZE") {
+            config.limits.db_pool_size = positive(&size, "DB_POOL_SIZE")?;
+        }
+        if let Ok(bound) = std::env::var("MAX_PENDING_TASKS") {
+            config.limits.max_pending_tasks = positive(&bound, "MAX_PENDING_TASKS")?;
         }
         Ok(config)
     }
@@ -156,6 +228,17 @@ impl Config {
     }
 }
 
+/// A setting that must be a whole number of at least 1.
+fn positive<T>(value: &str, name: &str) -> Result<T, BoxError>
+where
+    T: std::str::FromStr + PartialOrd + From<u8>,
+{
+    match value.trim().parse::<T>() {
+        Ok(n) if n >= T::from(1) => Ok(n),
+        _ => Err(format!("{name}={value:?}: use a whole number of at least 1").into()),
+    }
+}
+
 // ---------------------------------------------------------------------------
 // The app
 // ---------------------------------------------------------------------------
@@ -168,12 +251,42 @@ struct AppState {
     db: SqlitePool,
 }
 
+/// The app, ready to serve, and what to watch it with.
+#[derive(Debug)]
+pub struct App {
+    /// Every route, behind the background layer and its load shedding.
+    pub router: Router,
+    /// The layer's handle: `stats`, `wait_idle` (tests), `shutdown` (the
+    /// end of `main`).
+    pub handle: BackgroundHandle,
+    /// The requests answered `503` because the layer's pending tasks were
+    /// at [`Limits::max_pending_tasks`]: refused visibly, never queued.
+    pub shed: Shed,
+}
+
+/// A count of the requests shed with `503` (cheap to clone: one counter).
+#[derive(Debug, Clone, Default)]
+pub struct Shed(Arc<AtomicU64>);
+
+impl Shed {
+    /// How many requests have been shed so far.
+    pub fn count(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
 /// Builds the app: opens the database and the cache, installs the
-/// [`BackgroundLayer`], and returns the router with the layer's handle
-/// (for `wait_idle` in tests and `shutdown` at the end of `main`).
-pub async fn app(config: Config) -> Result<(Router, BackgroundHandle), BoxError> {
+/// [`BackgroundLayer`] with `config.limits`, and returns the router with the
+/// layer's handle and the count of shed requests.
+///
+/// The stack, from the outside in: `HandleErrorLayer` turns an overload
+/// into `503`, `LoadShedLayer` refuses a request at once while the
+/// background layer reports not ready (its pending tasks are at the
+/// bound), and the `BackgroundLayer` gives each request its tasks.
+pub async fn app(config: Config) -> Result<App, BoxError> {
     std::fs::create_dir_all(&config.data_dir)?;
     std::fs::create_dir_all(config.reports_dir())?;
+    let limits = config.limits;
 
     let cache = match &config.redis_url {
         Some(url) => Cache::redis(url).await?,
@@ -182,13 +295,22 @@ pub async fn app(config: Config) -> Result<(Router, BackgroundHandle), BoxError>
 
     // A pool, not a connection: tasks get a clone of it (an `Arc` inside)
     // and check a connection out only while they run, long after the
-    // handler has returned.
+    // handler has returned. It has as many connections as tasks may run at
+    // once (`max_concurrent_tasks` below). Write-ahead logging with
+    // `synchronous = NORMAL`, SQLite's usual server setting: a commit
+    // appends to the log without waiting for the disk, so the pool writes
+    // views as fast as they come instead of about a hundred a second (a
+    // crash of the machine, not of the process, can lose the last commits).
     let db = SqlitePoolOptions::new()
-        .max_connections(4)
+        .max_connections(limits.db_pool_size)
+        .acquire_timeout(DB_ACQUIRE_TIMEOUT)
         .connect_with(
             SqliteConnectOptions::new()
                 .filename(&config.database_path)
-                .create_if_missing(true),
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Normal)
+                .busy_timeout(limits.db_busy_timeout),
         )
         .await?;
     sqlx::query(
@@ -206,13 +328,27 @@ pub async fn app(config: Config) -> Result<(Router, BackgroundHandle), BoxError>
     };
     let state = AppState {
         config: Arc::new(config),
-        http: reqwest::Client::new(),
+        http: reqwest::Client::builder().timeout(MAIL_TIMEOUT).build()?,
         cache,
         db,
     };
 
-    let layer = BackgroundLayer::new().task_timeout(Duration::from_secs(30));
-    let handle = layer.handle();
+    // The default run policy, `RunPolicy::OnSuccess`, runs a request's
+    // tasks only after a 1xx, 2xx or 3xx answer, as FastAPI does.
+    let background = BackgroundLayer::new()
+        .max_concurrent_tasks(limits.db_pool_size as usize)
+        .max_pending_tasks(limits.max_pending_tasks)
+        .max_tasks_per_request(limits.max_tasks_per_request)
+        .task_timeout(limits.task_timeout);
+    let handle = background.handle();
+    let shed = Shed::default();
+    let on_error = {
+        let shed = shed.clone();
+        move |err: BoxError| {
+            let shed = shed.clone();
+            async move { shed_or_fail(&shed, err) }
+        }
+    };
     let router = Router::new()
         .route("/send-notification/{email}", send_notification)
         .route("/register", post(register))
@@ -231,8 +367,34 @@ pub async fn app(config: Config) -> Result<(Router, BackgroundHandle), BoxError>
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed")
         })
         .with_state(state)
-        .layer(layer);
-    Ok((router, handle))
+        .layer(
+            ServiceBuilder::new()
+                .layer(HandleErrorLayer::new(on_error))
+                .layer(LoadShedLayer::new())
+                .layer(background),
+        );
+    Ok(App {
+        router,
+        handle,
+        shed,
+    })
+}
+
+/// `LoadShedLayer`'s error, the only one the stack can produce, is a `503`
+/// with `Retry-After`, counted and logged at debug level (a flood would
+/// otherwise flood the log too).
+fn shed_or_fail(shed: &Shed, err: BoxError) -> Response {
+    if err.is::<Overloaded>() {
+        shed.0.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!("background queue full: request shed with 503");
+        let error = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Too many background tasks are waiting: try again later",
+        );
+        ([(header::RETRY_AFTER, "1")], error).into_response()
+    } else {
+        ApiError::internal(err).into_response()
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -403,7 +565,9 @@ async fn send_notification_001(
     PathParam(email): PathParam<String>,
 ) -> Json<Value> {
     let log = state.config.guide_log();
-    tasks.add_blocking(move || write_notification(&log, &email, "some notification"));
+    tasks
+        .named("write-notification")
+        .add_blocking(move || write_notification(&log, &email, "some notification"));
     Json(json!({ "message": "Notification sent in the background" }))
 }
 
@@ -431,7 +595,9 @@ impl FromRequestParts<AppState> for GetQuery {
         if let Some(q) = q.as_deref().filter(|q| !q.is_empty()) {
             let log = state.config.guide_log();
             let message = format!("found query: {q}\n");
-            tasks.add_blocking(move || write_log(&log, &message));
+            tasks
+                .named("log-query")
+                .add_blocking(move || write_log(&log, &message));
         }
         Ok(GetQuery(q))
     }
@@ -457,7 +623,9 @@ async fn send_notification_002(
 ) -> Json<Value> {
     let log = state.config.guide_log();
     let message = format!("message to {email}\n");
-    tasks.add_blocking(move || write_log(&log, &message));
+    tasks
+        .named("log-message")
+        .add_blocking(move || write_log(&log, &message));
     Json(json!({ "message": "Message sent" }))
 }
 
@@ -511,7 +679,7 @@ async fn register(
     let name = registration
         .name
         .unwrap_or_else(|| registration.email.clone());
-    tasks.add(send_welcome_email(
+    tasks.named("welcome-email").add(send_welcome_email(
         state.http.clone(),
         state.config.mail_url.clone(),
         registration.email.clone(),
@@ -585,7 +753,7 @@ async fn create_user(
     user.validate()
         .map_err(|(field, msg)| ApiError::validation(&["body", field], "value_error", msg))?;
     // ... store the user (and hash the password) here ...
-    tasks.add(send_welcome_email(
+    tasks.named("welcome-email").add(send_welcome_email(
         state.http.clone(),
         state.config.mail_url.clone(),
         user.email.clone(),
@@ -716,7 +884,9 @@ async fn create_post(
     let key = format!("post:{}", post.id);
     let value = serde_json::to_string(&post).map_err(ApiError::internal)?;
     let cache = state.cache.clone();
-    tasks.add(async move { cache.set_ex(key, value, CACHE_TTL).await });
+    tasks
+        .named("cache-post")
+        .add(async move { cache.set_ex(key, value, CACHE_TTL).await });
     Ok((StatusCode::CREATED, Json(post)))
 }
 
@@ -777,7 +947,7 @@ async fn create_report(
     }
     let file_name = format!("{}.csv", report.name);
     let path = state.config.reports_dir().join(&file_name);
-    tasks.add(async move {
+    tasks.named("write-report").add(async move {
         let mut csv = String::from("label,value\n");
         let mut total = 0.0;
         for row in &report.rows {
@@ -832,7 +1002,7 @@ async fn read_item(
         duration_ms: duration.as_secs_f64() * 1000.0,
     };
     let log = state.config.analytics_log();
-    tasks.add(async move {
+    tasks.named("analytics").add(async move {
         let event = event_for(started.elapsed());
         let line = serde_json::to_string(&event).map_err(std::io::Error::other)? + "\n";
         append_line_async(&log, &line).await
@@ -866,7 +1036,9 @@ async fn process(tasks: BackgroundTasks, State(state): State<AppState>) -> Json<
     for (i, step) in PROCESS_STEPS.into_iter().enumerate() {
         let log = state.config.process_log();
         let delay = Duration::from_millis(40 - 20 * i as u64);
-        tasks.add(async move {
+        // Each step has a name of its own: a second task of the same name
+        // would replace the first while it is pending.
+        tasks.named(step).add(async move {
             tokio::time::sleep(delay).await;
             append_line_async(&log, &format!("{step}\n")).await
         });
@@ -887,7 +1059,7 @@ pub struct ParallelRun {
 /// with `tokio::join!`: it takes the longer of the two, not their sum.
 async fn parallel(tasks: BackgroundTasks, State(state): State<AppState>) -> Json<Value> {
     let log = state.config.parallel_log();
-    tasks.add(async move {
+    tasks.named("parallel-sleeps").add(async move {
         let started = Instant::now();
         tokio::join!(
             tokio::time::sleep(PARALLEL_SLEEP),
@@ -909,6 +1081,20 @@ async fn parallel(tasks: BackgroundTasks, State(state): State<AppState>) -> Json
 // ---------------------------------------------------------------------------
 
 /// `POST /posts/{id}/stats`: 202, then the post's view count goes up by one.
+///
+/// The task is one statement, so SQLite commits the view whole or not at
+/// all. A timeout (the layer's `task_timeout`, or a shutdown that cancels
+/// it) drops the task at its next `.await`, which can come *after* the
+/// commit: the view is then in the database although the task is counted
+/// as timed out. The write does not need to be idempotent here, because
+/// nothing runs it twice: the layer never retries a task, and a client that
+/// got its 202 has no reason to resend. A task that can be repeated (a
+/// retry on failure, a hook that requeues timed-out work, a durable queue
+/// that delivers at least once) must be idempotent: give each view an id in
+/// the handler and record it with `INSERT ... ON CONFLICT DO NOTHING` in the
+/// same transaction as the count. And the pool's own deadlines come first
+/// (a connection within 10 s, SQLite's lock within 5 s), so the 30 s
+/// timeout fires only if the statement itself stalls.
 async fn count_view(
     tasks: BackgroundTasks,
     State(state): State<AppState>,
@@ -917,7 +1103,7 @@ async fn count_view(
     // Move a clone of the pool into the task, never a connection or a
     // transaction borrowed from the request: those end with the handler.
     let db = state.db.clone();
-    tasks.add(async move {
+    tasks.named("count-view").add(async move {
         sqlx::query(
             "INSERT INTO post_stats (post_id, views) VALUES (?1, 1)
              ON CONFLICT (post_id) DO UPDATE SET views = views + 1",

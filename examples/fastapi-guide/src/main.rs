@@ -38,7 +38,7 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use fastapi_guide::{app, start_mail_sink, BoxError, Config};
+use fastapi_guide::{app, start_mail_sink, App, BoxError, Config};
 use tower_background::Stats;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -82,7 +82,21 @@ async fn main() -> Result<(), BoxError> {
         None => println!("post cache:     in-process (set REDIS_URL to use Redis)"),
     }
 
-    let (router, handle) = app(config).await?;
+    let limits = config.limits;
+    println!(
+        "background:     {} tasks at once (the SQLite pool's size), 503 when {} are \
+         pending, {} per request, {} s timeout",
+        limits.db_pool_size,
+        limits.max_pending_tasks,
+        limits.max_tasks_per_request,
+        limits.task_timeout.as_secs(),
+    );
+
+    let App {
+        router,
+        handle,
+        shed,
+    } = app(config).await?;
     let port: u16 = match std::env::var("PORT") {
         Ok(port) => port.parse()?,
         Err(_) => 3000,
@@ -107,6 +121,10 @@ async fn main() -> Result<(), BoxError> {
         report.cancelled
     );
     println!("background tasks: {}", describe(&handle.stats()));
+    println!(
+        "shed: {} answered 503 because the background queue was full",
+        requests(shed.count())
+    );
     Ok(())
 }
 
@@ -119,11 +137,21 @@ fn tasks(n: u64) -> String {
     }
 }
 
+/// `1 request` / `2 requests`.
+fn requests(n: u64) -> String {
+    if n == 1 {
+        "1 request".to_owned()
+    } else {
+        format!("{n} requests")
+    }
+}
+
 /// The layer's counters in words.
 fn describe(stats: &Stats) -> String {
     format!(
         "{} in all: {} completed, {} failed, {} panicked, {} timed out, {} discarded, \
-         {} cancelled, {} still pending or running",
+         {} cancelled, {} skipped (error responses), {} refused (over the per-request cap), \
+         {} replaced, {} still pending or running",
         tasks(stats.total()),
         stats.completed,
         stats.failed,
@@ -131,6 +159,9 @@ fn describe(stats: &Stats) -> String {
         stats.timed_out,
         stats.discarded,
         stats.cancelled,
+        stats.skipped,
+        stats.refused,
+        stats.replaced,
         stats.pending + stats.running,
     )
 }

@@ -36,6 +36,7 @@ struct TestApp {
     base: String,
     client: reqwest::Client,
     handle: BackgroundHandle,
+    shed: guide::Shed,
     config: Config,
     outbox: Outbox,
     _dir: TempDir,
@@ -59,7 +60,11 @@ async fn start_with(edit: impl FnOnce(&mut Config)) -> TestApp {
     let (mail_url, outbox) = guide::start_mail_sink().await.unwrap();
     let mut config = Config::new(dir.path(), mail_url);
     edit(&mut config);
-    let (router, handle) = guide::app(config.clone()).await.unwrap();
+    let guide::App {
+        router,
+        handle,
+        shed,
+    } = guide::app(config.clone()).await.unwrap();
     TestApp {
         base: serve(router).await,
         // Every request is bounded too: a handler that waited for its task would hang.
@@ -69,6 +74,7 @@ async fn start_with(edit: impl FnOnce(&mut Config)) -> TestApp {
             .build()
             .unwrap(),
         handle,
+        shed,
         config,
         outbox,
         _dir: dir,
@@ -309,9 +315,11 @@ async fn unknown_routes_and_methods_get_fastapis_json_errors() {
 /// list naming it. The email is a `String`, so only a path that is not UTF-8
 /// fails (uvicorn would decode it to U+FFFD and answer 200; axum refuses it).
 /// As in FastAPI, the dependency (`GetQuery`, the first extractor) has run
-/// before the email is validated, and has queued its task.
+/// before the email is validated, and has queued its task; as in FastAPI,
+/// that task never runs, because the response is an error: the layer's
+/// default `RunPolicy::OnSuccess` skips it and counts it in `Stats::skipped`.
 #[tokio::test]
-async fn an_email_that_fails_validation_is_a_422_after_the_dependency_queued_its_task() {
+async fn an_email_that_fails_validation_is_a_422_and_the_dependencys_task_is_skipped() {
     let app = start().await;
     let answer = app
         .send(reqwest::Method::POST, "/send-notification/%FF?q=rust")
@@ -326,11 +334,36 @@ async fn an_email_that_fails_validation_is_a_422_after_the_dependency_queued_its
     assert_eq!(detail["loc"], json!(["path", "email"]), "{}", answer.text);
     assert_eq!(detail["type"], "utf8");
     app.idle().await;
-    // run policy: today every response runs its tasks, a 422 too, so the
-    // dependency's line is written. FastAPI runs no task of an error
-    // response; under a "success only" default this becomes "" and 0 tasks.
-    assert_eq!(app.guide_log(), "found query: rust\n");
-    app.assert_completed(1);
+    // run policy: a 422 is not a success, so the dependency's task was
+    // queued (total 1) and skipped, never run: `log.txt` is not written.
+    assert_eq!(app.guide_log(), "");
+    assert!(!app.config.guide_log().exists(), "log.txt was created");
+    let stats = app.handle.stats();
+    assert_eq!(
+        (stats.total(), stats.skipped, stats.completed),
+        (1, 1, 0),
+        "{stats:?}"
+    );
+
+    // The same request with a valid email runs both tasks.
+    let answer = app
+        .send(
+            reqwest::Method::POST,
+            "/send-notification/ada@example.com?q=rust",
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::OK, "{answer:?}");
+    app.idle().await;
+    assert_eq!(
+        app.guide_log(),
+        "found query: rust\nmessage to ada@example.com\n"
+    );
+    let stats = app.handle.stats();
+    assert_eq!(
+        (stats.total(), stats.skipped, stats.completed),
+        (3, 1, 2),
+        "{stats:?}"
+    );
 }
 
 /// Path parameters of the other routes are validated the same way, and a
@@ -715,4 +748,175 @@ async fn post_stats_updates_sqlite_through_a_pool_after_the_response() {
             .unwrap();
     assert_eq!(rows, [(5, 3), (6, 1)]);
     db.close().await;
+}
+
+// ---------------------------------------------------------------------------
+// The production controls under load
+// ---------------------------------------------------------------------------
+
+/// `POST /posts/{id}/stats` `n` times, at most `clients` at once, each
+/// client on its own connection; returns the number of 202s and of 503s,
+/// and panics on any other answer.
+async fn count_views(app: &TestApp, id: i64, n: usize, clients: usize) -> (u64, u64) {
+    let url = app.url(&format!("/posts/{id}/stats"));
+    let mut workers = tokio::task::JoinSet::new();
+    for client in 0..clients {
+        let share = n / clients + usize::from(client < n % clients);
+        let url = url.clone();
+        // One client (so one connection) per worker, like h2load's `-c`.
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(WAIT)
+            .build()
+            .unwrap();
+        workers.spawn(async move {
+            let (mut accepted, mut shed) = (0u64, 0u64);
+            for _ in 0..share {
+                let res = http.post(&url).send().await.unwrap();
+                let status = res.status().as_u16();
+                let retry_after = res.headers().get("retry-after").cloned();
+                let body = res.text().await.unwrap();
+                match status {
+                    202 => accepted += 1,
+                    503 => {
+                        assert_eq!(retry_after.unwrap(), "1");
+                        let detail: Value = serde_json::from_str(&body).unwrap();
+                        assert!(detail["detail"].as_str().unwrap().contains("try again"));
+                        shed += 1;
+                    }
+                    other => panic!("unexpected {other}: {body}"),
+                }
+            }
+            (accepted, shed)
+        });
+    }
+    let mut totals = (0, 0);
+    while let Some(result) = timeout(WAIT * 3, workers.join_next())
+        .await
+        .expect("the flood did not end within 30 s")
+    {
+        let (accepted, shed) = result.unwrap();
+        totals.0 += accepted;
+        totals.1 += shed;
+    }
+    totals
+}
+
+/// The views of post `id` in the database, read through the app.
+async fn views(app: &TestApp, id: i64) -> u64 {
+    let (status, body) = app.get(&format!("/posts/{id}/stats")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body["views"].as_u64().unwrap()
+}
+
+/// With the database's write lock held by another connection, the tasks
+/// that count views cannot finish: `db_pool_size` of them run (blocked on
+/// the lock), the next ones wait, and once `max_pending_tasks` wait, the app
+/// answers 503 at once and queues nothing. When the lock goes, every view
+/// that got a 202 is in the database, and every 503 is counted.
+#[tokio::test]
+async fn a_full_backlog_answers_503_and_every_accepted_view_is_counted() {
+    let app = start_with(|config| {
+        config.limits.db_pool_size = 2;
+        config.limits.max_pending_tasks = 8;
+        // The test holds the lock for far less; a slow machine must not
+        // turn the wait into "database is locked".
+        config.limits.db_busy_timeout = WAIT * 3;
+    })
+    .await;
+    // Create the row first, so that the count below starts from 1.
+    assert_eq!(
+        app.post_empty("/posts/9/stats").await.0,
+        StatusCode::ACCEPTED
+    );
+    app.idle().await;
+
+    use sqlx::Connection;
+    let options = sqlx::sqlite::SqliteConnectOptions::new().filename(&app.config.database_path);
+    let mut lock = sqlx::SqliteConnection::connect_with(&options)
+        .await
+        .unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut lock)
+        .await
+        .unwrap();
+
+    // One request at a time: each adds its task before the next asks for
+    // room, so the backlog fills exactly and the rest are shed.
+    let (accepted, shed) = count_views(&app, 9, 40, 1).await;
+    let stats = app.handle.stats();
+    assert!(
+        (8..=10).contains(&accepted),
+        "2 running + 8 pending (a task may still count as pending while it \
+         takes its permit): {accepted} accepted, {stats:?}"
+    );
+    assert_eq!(accepted + shed, 40);
+    assert_eq!(app.shed.count(), shed, "every 503 is counted");
+    assert_eq!(stats.pending + stats.running, accepted, "{stats:?}");
+    assert!(stats.running <= 2, "the pool's size: {stats:?}");
+
+    sqlx::query("COMMIT").execute(&mut lock).await.unwrap();
+    lock.close().await.unwrap();
+    app.idle().await;
+    let stats = app.handle.stats();
+    assert_eq!(
+        (stats.total(), stats.completed),
+        (accepted + 1, accepted + 1),
+        "every accepted view completed, none failed or timed out: {stats:?}"
+    );
+    assert_eq!(views(&app, 9).await, accepted + 1);
+}
+
+/// The h2load scenario in small: 16 clients send 800 views with a bound of
+/// 4 pending tasks. How many are shed depends on timing; that none is lost
+/// does not: 202s = views in the database = tasks completed, 503s = shed.
+#[tokio::test]
+async fn a_flood_of_views_is_counted_or_shed_never_lost() {
+    let app = start_with(|config| {
+        config.limits.max_pending_tasks = 4;
+    })
+    .await;
+    let (accepted, shed) = count_views(&app, 3, 800, 16).await;
+    assert_eq!(accepted + shed, 800);
+    assert_eq!(app.shed.count(), shed);
+    app.idle().await;
+    let stats = app.handle.stats();
+    assert_eq!(
+        (stats.total(), stats.completed),
+        (accepted, accepted),
+        "{stats:?}"
+    );
+    assert_eq!(views(&app, 3).await, accepted);
+}
+
+/// `max_tasks_per_request`: a request that adds more tasks than the cap
+/// has the extra ones refused and counted, never run.
+#[tokio::test]
+async fn tasks_over_the_per_request_cap_are_refused_and_counted() {
+    let app = start_with(|config| config.limits.max_tasks_per_request = 2).await;
+    let (status, body) = app.post_empty("/process").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["queued"], 3);
+    app.idle().await;
+    let log = app.read_data(app.config.process_log());
+    assert_eq!(log.lines().collect::<Vec<_>>(), PROCESS_STEPS[..2]);
+    let stats = app.handle.stats();
+    assert_eq!(
+        (stats.total(), stats.completed, stats.refused),
+        (3, 2, 1),
+        "{stats:?}"
+    );
+}
+
+/// The defaults are the production controls the README describes.
+#[test]
+fn the_default_limits_match_the_pool_and_bound_the_backlog() {
+    let limits = guide::Limits::default();
+    assert_eq!(limits.db_pool_size, 4);
+    assert_eq!(limits.max_pending_tasks, 1024);
+    assert_eq!(limits.max_tasks_per_request, 4);
+    assert!(PROCESS_STEPS.len() <= limits.max_tasks_per_request);
+    assert_eq!(limits.task_timeout, Duration::from_secs(30));
+    assert!(limits.task_timeout > guide::DB_ACQUIRE_TIMEOUT + limits.db_busy_timeout);
+    assert!(limits.task_timeout > guide::MAIL_TIMEOUT);
 }

@@ -88,7 +88,19 @@ async fn the_server_prints_its_settings_and_its_shutdown_in_words() {
     assert!(
         printed.contains(
             "background tasks: 2 tasks in all: 2 completed, 0 failed, 0 panicked, \
-             0 timed out, 0 discarded, 0 cancelled, 0 still pending or running"
+             0 timed out, 0 discarded, 0 cancelled, 0 skipped (error responses), \
+             0 refused (over the per-request cap), 0 replaced, 0 still pending or running"
+        ),
+        "{printed}"
+    );
+    assert!(
+        printed.contains("shed: 0 requests answered 503 because the background queue was full"),
+        "{printed}"
+    );
+    assert!(
+        printed.contains(
+            "background:     4 tasks at once (the SQLite pool's size), 503 when 1024 are \
+             pending, 4 per request, 30 s timeout"
         ),
         "{printed}"
     );
