@@ -1,4 +1,5 @@
-//! FastAPI's "Background Tasks" guide as an axum server; stop it with Ctrl-C,
+//! FastAPI's "Background Tasks" guide as an axum server (HTTP/1.1, and
+//! HTTP/2 without TLS for clients such as `h2load`); stop it with Ctrl-C,
 //! which drains the background tasks.
 //!
 //! ```text
@@ -32,6 +33,8 @@
 //! | `MAIL_URL` | a mail sink the example starts on 127.0.0.1 | where welcome emails are POSTed as JSON |
 //! | `REDIS_URL` | unset: an in-process cache (moka) | the Redis server for `POST /posts` |
 //! | `DATABASE_PATH` | `DATA_DIR/guide.db` | the SQLite database file |
+//! | `DB_POOL_SIZE` | `4` | the SQLite pool's connections, and the background tasks that run at once |
+//! | `MAX_PENDING_TASKS` | `1024` | pending background tasks at which requests are answered `503` |
 //! | `RUST_LOG` | `info,tower_background=debug` | log levels per target |
 
 use std::io::IsTerminal;

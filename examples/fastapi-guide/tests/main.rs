@@ -122,3 +122,74 @@ async fn the_server_prints_its_settings_and_its_shutdown_in_words() {
         "found query: rust\nmessage to ada@example.com\n"
     );
 }
+
+/// `DB_POOL_SIZE` and `MAX_PENDING_TASKS` set the controls the server
+/// prints; 0 or a non-number stops it at once with an error naming the
+/// variable and the fix.
+#[tokio::test]
+async fn the_controls_come_from_the_environment_and_bad_values_are_refused() {
+    for (pool, pending, expected) in [
+        (
+            "2",
+            "7",
+            Ok("background:     2 tasks at once (the SQLite pool's size), 503 when 7 are pending"),
+        ),
+        (
+            "0",
+            "7",
+            Err("DB_POOL_SIZE=\\\"0\\\": use a whole number of at least 1"),
+        ),
+        (
+            "2",
+            "many",
+            Err("MAX_PENDING_TASKS=\\\"many\\\": use a whole number of at least 1"),
+        ),
+    ] {
+        let data_dir = tempfile::tempdir().unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_fastapi-guide"))
+            .env("PORT", "0")
+            .env("DATA_DIR", data_dir.path())
+            .env("DB_POOL_SIZE", pool)
+            .env("MAX_PENDING_TASKS", pending)
+            .env_remove("REDIS_URL")
+            .env_remove("MAIL_URL")
+            .env_remove("TUTORIAL")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        match expected {
+            Ok(line) => {
+                let mut stdout = BufReader::new(child.stdout.take().unwrap());
+                let mut printed = String::new();
+                timeout(WAIT, async {
+                    for _ in 0..50 {
+                        let mut next = String::new();
+                        if stdout.read_line(&mut next).await.unwrap() == 0 {
+                            break;
+                        }
+                        printed.push_str(&next);
+                        if next.starts_with("listening on") {
+                            break;
+                        }
+                    }
+                })
+                .await
+                .expect("the server did not start within 20 s");
+                assert!(printed.contains(line), "{printed}");
+                assert!(printed.contains("listening on"), "{printed}");
+                child.kill().await.unwrap();
+            }
+            Err(message) => {
+                let output = timeout(WAIT, child.wait_with_output())
+                    .await
+                    .expect("the server did not stop within 20 s")
+                    .unwrap();
+                let stderr = String::from_utf8_lossy(&output.stderr);
+                assert!(!output.status.success(), "{stderr}");
+                assert!(stderr.contains(message), "{stderr}");
+            }
+        }
+    }
+}
