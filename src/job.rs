@@ -92,8 +92,9 @@ pub(crate) trait Job: Send + 'static {
     fn wants_completion(&self) -> bool;
     /// Added with `add_blocking`: runs on the blocking pool.
     fn is_blocking(&self) -> bool;
-    /// Its name and run policy.
+    /// Its name, run policy and coalescing key.
     fn options(&self) -> &Options;
+    fn options_mut(&mut self) -> &mut Options;
     /// Drives the task; the first call starts it.
     fn poll_run(self: Pin<&mut Self>, cx: &mut Context<'_>, start: &mut Start) -> Poll<Ending>;
 }
@@ -111,13 +112,17 @@ pub(crate) trait Work: Send + 'static {
 }
 
 /// What a handler said about a task besides its work.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub(crate) struct Options {
     pub(crate) name: Option<&'static str>,
     /// `None`: the layer's default.
     pub(crate) run_policy: Option<RunPolicy>,
     /// When it was added, if task ends are observed.
     pub(crate) added_at: Option<std::time::Instant>,
+    /// The layer-wide coalescing key.
+    pub(crate) key: Option<std::sync::Arc<str>>,
+    /// This task holds its key in the layer's set of pending keys.
+    pub(crate) key_held: bool,
 }
 
 pin_project! {
@@ -157,6 +162,10 @@ impl<W: Work> Job for Task<W> {
 
     fn options(&self) -> &Options {
         &self.options
+    }
+
+    fn options_mut(&mut self) -> &mut Options {
+        &mut self.options
     }
 
     fn is_blocking(&self) -> bool {

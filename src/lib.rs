@@ -126,7 +126,9 @@
 //!
 //! Tasks can be [named](TaskOptions::name): the name is a field of their
 //! span, a named task replaces the request's pending task of the same name,
-//! and [`BackgroundTasks::forget`] takes one back.
+//! and [`BackgroundTasks::forget`] takes one back. A
+//! [coalescing key](TaskOptions::coalesce) keeps at most one pending task per
+//! key across the whole layer.
 //! [`on_task_end`](BackgroundLayer::on_task_end) sees every task's end
 //! (name, outcome, error, queue and run times, method and path), and the
 //! `metrics` feature records counters, gauges and histograms.

@@ -20,10 +20,10 @@
 //! A task's path: `admit` (add) → `start` (its first poll) → `end` (bucket),
 //! or `admit` → `end` without a start (discarded or cancelled while pending).
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::pin::pin;
 use std::sync::atomic::Ordering::SeqCst;
-use std::sync::{OnceLock, PoisonError};
+use std::sync::{Arc, OnceLock, PoisonError};
 use std::task::Waker;
 
 use tokio::sync::Notify;
@@ -86,8 +86,10 @@ pub struct Stats {
     pub refused: u64,
     /// Never run because a newer task of the same
     /// [name](crate::TaskOptions::name) replaced them while they were
-    /// pending in their request, or because the handler took them back with
-    /// [`BackgroundTasks::forget`](crate::BackgroundTasks::forget).
+    /// pending in their request, because the handler took them back with
+    /// [`BackgroundTasks::forget`](crate::BackgroundTasks::forget), or
+    /// because they were merged into a pending task with the same
+    /// [coalescing key](crate::TaskOptions::coalesce).
     pub replaced: u64,
 }
 
@@ -183,6 +185,10 @@ pub(crate) struct Registry {
     idle: Notify,
     /// The runners whose task is waiting on something, to wake on close.
     wakers: Mutex<Wakers>,
+    /// The coalescing keys of the pending tasks that hold one.
+    keys: Mutex<HashSet<Arc<str>>>,
+    /// A key was ever claimed: only then do ends look for keys to release.
+    keyed: AtomicBool,
 }
 
 impl Default for Registry {
@@ -208,6 +214,8 @@ impl Default for Registry {
             idle_waiters: CachePadded(AtomicUsize::new(0)),
             idle: Notify::new(),
             wakers: Mutex::new(Wakers::default()),
+            keys: Mutex::new(HashSet::new()),
+            keyed: AtomicBool::new(false),
         }
     }
 }
@@ -399,6 +407,25 @@ impl Registry {
         self.settle();
     }
 
+    /// Claims `key` for a task ready to run. `false`: a pending task of the
+    /// layer already holds it, and the new one merges into it.
+    pub(crate) fn claim_key(&self, key: &Arc<str>) -> bool {
+        self.keyed.store(true, SeqCst);
+        let mut keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
+        keys.insert(Arc::clone(key))
+    }
+
+    /// Gives `key` back: its task started or ended without starting.
+    pub(crate) fn release_key(&self, key: &str) {
+        let mut keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
+        keys.remove(key);
+    }
+
+    /// Whether any task ever claimed a key.
+    pub(crate) fn keyed(&self) -> bool {
+        self.keyed.load(SeqCst)
+    }
+
     /// Registers the waker of a runner whose task waits, so that the close
     /// can wake it. Returns its key.
     pub(crate) fn register(&self, waker: &Waker) -> usize {
@@ -554,7 +581,7 @@ struct Wakers {
 }
 
 /// The future behind [`BackgroundHandle::wait_idle`](crate::BackgroundHandle::wait_idle).
-pub(crate) async fn wait_idle(registry: std::sync::Arc<Registry>) {
+pub(crate) async fn wait_idle(registry: Arc<Registry>) {
     registry.wait_idle().await
 }
 

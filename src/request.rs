@@ -191,6 +191,8 @@ struct QueueState {
     refused: bool,
     /// A task has a run policy of its own (else the layer's decides for all).
     own_policies: bool,
+    /// A task has a coalescing key.
+    has_keys: bool,
     /// While the request waits for a permit: the runtime its tasks run on
     /// (the one current when it started to wait), whoever releases the permit.
     #[cfg(not(tower_background_loom))]
@@ -319,6 +321,7 @@ impl RequestQueue {
         observe::added(registry);
         state.added += 1;
         state.own_policies |= job.options().run_policy.is_some();
+        state.has_keys |= job.options().key.is_some();
         let replaced = match job.options().name {
             Some(name) => state
                 .waiting
@@ -374,9 +377,54 @@ impl RequestQueue {
         }
     }
 
+    /// Claims the coalescing keys of the tasks about to be handed to a
+    /// runner; returns those whose key a pending task of the layer holds.
+    fn claim_keys(&self, waiting: &mut TaskList) -> TaskList {
+        let registry = &self.shared.registry;
+        let mut kept = TaskList::default();
+        let mut merged = TaskList::default();
+        // Oldest first: of two tasks with one key, the first added keeps it.
+        let mut oldest_first = waiting.take().reversed();
+        while let Some(mut job) = oldest_first.pop() {
+            let options = job.options_mut();
+            match &options.key {
+                Some(key) if !options.key_held => {
+                    if registry.claim_key(key) {
+                        options.key_held = true;
+                        kept.push(job);
+                    } else {
+                        merged.push(job);
+                    }
+                }
+                _ => kept.push(job),
+            }
+        }
+        *waiting = kept; // newest first again
+        merged
+    }
+
+    /// Gives back the key a task holds, if it holds one.
+    fn release_key(&self, job: &mut dyn Job) {
+        let options = job.options_mut();
+        if options.key_held {
+            options.key_held = false;
+            if let Some(key) = &options.key {
+                self.shared.registry.release_key(key);
+            }
+        }
+    }
+
     /// Counts tasks that will never start as `ending` and drops them.
     fn forget(&self, mut tasks: TaskList, ending: Ending) -> usize {
         let n = tasks.len();
+        if n > 0 && self.shared.registry.keyed() {
+            let mut all = TaskList::default();
+            while let Some(mut job) = tasks.pop() {
+                self.release_key(&mut *job);
+                all.push(job);
+            }
+            tasks = all;
+        }
         if n > 0 {
             self.not_started.fetch_sub(n, Ordering::AcqRel);
             let counted = self
@@ -463,6 +511,18 @@ impl RequestQueue {
                 tasks = n,
                 status = status.as_u16(),
                 "background tasks skipped: their run policy does not run them after this response"
+            );
+        }
+        let merged = if state.has_keys {
+            self.claim_keys(&mut state.waiting)
+        } else {
+            TaskList::default()
+        };
+        if !merged.is_empty() {
+            let n = self.forget(merged, Ending::Replaced);
+            tracing::debug!(
+                tasks = n,
+                "background tasks merged into pending tasks with the same coalescing key"
             );
         }
         let mut batch = None;
@@ -638,6 +698,8 @@ impl Runner {
             drop_guarded(job);
             return false;
         }
+        let mut job = job;
+        self.queue.release_key(&mut *job);
         if observe::enabled(&self.queue.shared.config) {
             self.started_at = Some(std::time::Instant::now());
         }

@@ -263,6 +263,47 @@ impl TaskOptions<'_> {
         self
     }
 
+    /// Coalesces the task across the layer: while a task with the same `key`
+    /// is pending anywhere in the layer (its response has ended and it has
+    /// not started yet), this one is merged into it. A cache refresh queued
+    /// by 100 requests in the same second then runs once.
+    ///
+    /// Exactly: a keyed task claims its key when its response has ended and
+    /// its run policy let it through. The first to claim it keeps it until
+    /// it starts (or ends without starting, then the key is free again); a
+    /// task that finds its key claimed never runs and is counted in
+    /// [`Stats::replaced`](crate::Stats::replaced). So the task of the
+    /// request whose response ended first runs, and a task whose key is
+    /// claimed by one already running is not merged: it runs after it.
+    /// Tasks whose request produced no response, or that their run policy
+    /// skips, never claim their key. Within one request, the first task
+    /// added with a key keeps it.
+    ///
+    /// # Panics
+    ///
+    /// If `key` is empty, and at [`add_with`](Self::add_with): a task that
+    /// depends on its own response cannot stand for another's.
+    ///
+    /// ```
+    /// # use tower_background::BackgroundTasks;
+    /// # fn f(tasks: &BackgroundTasks, user_id: u64) {
+    /// tasks
+    ///     .options()
+    ///     .coalesce(format!("refresh-profile-{user_id}"))
+    ///     .add(async { /* rebuild the cached profile */ });
+    /// # }
+    /// ```
+    pub fn coalesce(mut self, key: impl Into<String>) -> Self {
+        let key: String = key.into();
+        assert!(
+            !key.is_empty(),
+            "TaskOptions::coalesce: the key must not be empty; to add a task that is \
+             never merged, do not call coalesce"
+        );
+        self.options.key = Some(key.into());
+        self
+    }
+
     /// Queues a future, like [`BackgroundTasks::add`].
     pub fn add<F>(self, task: F)
     where
@@ -296,6 +337,12 @@ impl TaskOptions<'_> {
         Fut: Future + Send + 'static,
         Fut::Output: TaskOutput,
     {
+        assert!(
+            self.options.key.is_none(),
+            "TaskOptions::coalesce: a task added with add_with sees its own response and \
+             cannot be merged with another request's; use add or add_blocking, or do not \
+             call coalesce"
+        );
         let queue = &self.tasks.queue;
         let span = queue.span(self.options.name);
         let options = queue.stamp(self.options);
@@ -308,6 +355,7 @@ impl fmt::Debug for TaskOptions<'_> {
         f.debug_struct("TaskOptions")
             .field("name", &self.options.name)
             .field("run_policy", &self.options.run_policy)
+            .field("coalesce", &self.options.key)
             .finish()
     }
 }

@@ -566,3 +566,114 @@ async fn after_paused(
 fn bad_template() {
     panic!("bad template")
 }
+
+// ---------------------------------------------------------------------------
+// Coalescing across the layer
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_refresh_queued_by_100_requests_runs_once() {
+    let layer = BackgroundLayer::new().max_concurrent_tasks(1);
+    let handle = layer.handle();
+    let gate = Arc::new(Notify::new());
+    let runs = Arc::new(AtomicUsize::new(0));
+    // The only permit is held by a task that waits on the gate.
+    let g = gate.clone();
+    let (started_tx, started_rx) = oneshot::channel();
+    after_paused(&layer, move |t| {
+        t.add(async move {
+            let _ = started_tx.send(());
+            g.notified().await
+        })
+    })
+    .await;
+    within("the blocker", started_rx).await.unwrap();
+    for _ in 0..100 {
+        let r = runs.clone();
+        after_paused(&layer, move |t| {
+            t.options().coalesce("refresh-cache").add(async move {
+                r.fetch_add(1, Ordering::SeqCst);
+            })
+        })
+        .await;
+    }
+    let s = handle.stats();
+    assert_eq!((s.pending, s.replaced), (1, 99), "{s:?}");
+    gate.notify_one();
+    within("idle", handle.wait_idle()).await;
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    let s = handle.stats();
+    assert_eq!((s.completed, s.replaced, s.total()), (2, 99, 101), "{s:?}");
+}
+
+#[tokio::test]
+async fn a_key_is_free_again_once_its_task_started() {
+    let layer = BackgroundLayer::new();
+    let handle = layer.handle();
+    let (started_tx, started_rx) = oneshot::channel();
+    let gate = Arc::new(Notify::new());
+    let g = gate.clone();
+    after_paused(&layer, move |t| {
+        t.options().coalesce("k").add(async move {
+            let _ = started_tx.send(());
+            g.notified().await;
+        })
+    })
+    .await;
+    within("started", started_rx).await.unwrap();
+    let (second_tx, second_rx) = oneshot::channel();
+    after_paused(&layer, move |t| {
+        t.options().coalesce("k").add(async move {
+            let _ = second_tx.send(());
+        })
+    })
+    .await;
+    within("not merged into a task that already runs", second_rx)
+        .await
+        .unwrap();
+    gate.notify_one();
+    within("idle", handle.wait_idle()).await;
+    let s = handle.stats();
+    assert_eq!((s.completed, s.replaced), (2, 0), "{s:?}");
+}
+
+#[tokio::test]
+async fn within_a_request_the_first_task_of_a_key_keeps_it_and_skipped_tasks_never_claim() {
+    let layer = BackgroundLayer::new();
+    let handle = layer.handle();
+    let log = Log::default();
+    // A 500 skips its keyed task: it never claims the key.
+    let skipped = log.task("skipped");
+    after(&layer, 500, move |t| t.options().coalesce("k").add(skipped)).await;
+    let (first, second) = (log.task("first"), log.task("second"));
+    after(&layer, 200, move |t| {
+        t.options().coalesce("k").add(first);
+        t.options().coalesce("k").add(second);
+    })
+    .await;
+    assert_eq!(log.get(), ["first"]);
+    let s = handle.stats();
+    assert_eq!((s.skipped, s.replaced, s.completed), (1, 1, 1), "{s:?}");
+}
+
+#[tokio::test]
+#[should_panic(expected = "TaskOptions::coalesce: a task added with add_with")]
+async fn add_with_cannot_be_coalesced() {
+    let layer = BackgroundLayer::new();
+    let res = call(&layer, status(200), |t| {
+        t.options().coalesce("k").add_with(|_| async {})
+    })
+    .await;
+    drop(res);
+}
+
+#[tokio::test]
+#[should_panic(expected = "TaskOptions::coalesce: the key must not be empty")]
+async fn an_empty_key_is_refused() {
+    let layer = BackgroundLayer::new();
+    let res = call(&layer, status(200), |t| {
+        t.options().coalesce("").add(async {})
+    })
+    .await;
+    drop(res);
+}
