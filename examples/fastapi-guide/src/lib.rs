@@ -114,8 +114,9 @@ pub struct Limits {
     /// [`App::shed`]. Default 1,024.
     pub max_pending_tasks: usize,
     /// The layer's `max_tasks_per_request`: the most a route adds is 3
-    /// (`POST /process`), so anything past 4 is a bug; it is refused and
-    /// counted in `Stats::refused`. Default 4.
+    /// (`POST /process`), so a request that adds more is a bug; its tasks
+    /// past the cap are refused, counted in `Stats::refused` and logged
+    /// once. Default 4.
     pub max_tasks_per_request: usize,
     /// The layer's `task_timeout`, a backstop behind the tasks' own
     /// deadlines, which come first and fail the task with a clear error:
