@@ -4,7 +4,9 @@
 //!
 //! ```text
 //! cargo run --release -p perf --example loadtest                 # throughput, latency, CPU, start delay
-//! cargo run --release -p perf --example loadtest -- rss          # peak RSS with tasks that sleep 100 ms
+//! cargo run --release -p perf --example loadtest -- sleep        # tasks that sleep 100 ms: req/s, CPU, peak RSS vs spawn
+//! cargo run --release -p perf --example loadtest -- h2           # HTTP/2 latency (h2load), one core busy and idle
+//! cargo run --release -p perf --example loadtest -- instructions # server instructions per request (callgrind)
 //! cargo run --release -p perf --example loadtest -- --concurrency 64 --rounds 6 --secs 3 --warmup 1
 //! ```
 //!
@@ -22,12 +24,24 @@
 //! | `layer_1_task` | queues one task that increments an `AtomicU64` |
 //! | `spawn_1_task` | `tokio::spawn`s the same task; no layer |
 //! | `layer_1_task_delay` | like `layer_1_task`, and records the time from the end of the response body to the task's first poll |
-//! | `layer_sleep`, `spawn_sleep` | the task sleeps 100 ms, then increments (the `rss` mode) |
+//! | `layer_sleep_task`, `spawn_sleep_task` | the task sleeps 100 ms, then increments (the `sleep` mode; `layer_sleep` and `spawn_sleep` are the same variants under their former names) |
 //!
 //! The throughput variants are measured in alternating rounds (A B C D, then
 //! D C B A, ...): each round opens fresh connections, warms up, then measures
 //! requests, latencies and the server's CPU time over the same window. Ratios
 //! are taken per round (paired), then their median is reported.
+//!
+//! The `sleep` mode (formerly `rss`, still accepted) starts a fresh server
+//! per run for `layer_sleep_task` and `spawn_sleep_task`, alternating which
+//! goes first, and reports per run the ratios of throughput, server CPU per
+//! request and peak RSS (`VmHWM`), each against `spawn_sleep_task` of the
+//! same run.
+//!
+//! The `h2` mode runs `h2load -n N -c 1 -m 1` (Debian's `nghttp2-client`)
+//! against the same servers over h2c (HTTP/2 with prior knowledge, no
+//! `TCP_NODELAY`: `axum::serve` does not set it), once with a busy-loop
+//! process pinning one core and once without, and reports each variant's
+//! mean response latency.
 
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader, Write as _};
@@ -60,8 +74,12 @@ struct Options {
     client_threads: usize,
     /// The throughput variants; the first is the baseline of the ratios.
     variants: Vec<String>,
+    /// Whether `--variants` was given.
+    variants_given: bool,
     /// Requests measured per variant in the `instructions` mode.
     requests: u64,
+    /// Requests per h2load run in the `h2` mode.
+    h2_requests: u64,
 }
 
 impl Options {
@@ -75,7 +93,9 @@ impl Options {
             variants: ["bare", "layer_no_task", "layer_1_task", "spawn_1_task"]
                 .map(String::from)
                 .to_vec(),
+            variants_given: false,
             requests: 20_000,
+            h2_requests: 400,
         };
         let mut it = args.iter();
         while let Some(a) = it.next() {
@@ -92,15 +112,17 @@ impl Options {
                 "--client-threads" => o.client_threads = value().parse().expect("a number"),
                 "--variants" => {
                     o.variants = value().split(',').map(String::from).collect();
+                    o.variants_given = true;
                     for v in &o.variants {
                         variant(v);
                     }
                 }
-                "rss" | "instructions" => {}
+                "rss" | "sleep" | "instructions" | "h2" => {}
                 "--requests" => o.requests = value().parse().expect("a number"),
+                "--h2-requests" | "-n" => o.h2_requests = value().parse().expect("a number"),
                 other => panic!(
-                    "unknown argument {other:?}; usage: loadtest [rss] [--variants a,b,..] [--concurrency N] [--rounds N] \
-                     [--secs S] [--warmup S] [--client-threads N]"
+                    "unknown argument {other:?}; usage: loadtest [sleep|h2|instructions] [--variants a,b,..] [--concurrency N] \
+                     [--rounds N] [--secs S] [--warmup S] [--client-threads N] [--requests N] [--h2-requests N]"
                 ),
             }
         }
@@ -113,7 +135,9 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("serve") => serve(args.get(1).expect("serve VARIANT")),
-        Some("rss") => rss(&Options::parse(&args)),
+        Some("busy") => busy(),
+        Some("rss" | "sleep") => sleep(&Options::parse(&args)),
+        Some("h2") => h2(&Options::parse(&args)),
         Some("instructions") => instructions(&Options::parse(&args)),
         _ => throughput(&Options::parse(&args)),
     }
@@ -216,8 +240,8 @@ fn variant(name: &str) -> (&'static str, Placement) {
         "spawn_1_task" => ("spawn", Placement::None),
         "floor_no_task" => ("hello", Placement::Floor),
         "layer_1_task_delay" => ("delay", Placement::Route),
-        "layer_sleep" => ("task_sleep", Placement::Route),
-        "spawn_sleep" => ("spawn_sleep", Placement::None),
+        "layer_sleep_task" | "layer_sleep" => ("task_sleep", Placement::Route),
+        "spawn_sleep_task" | "spawn_sleep" => ("spawn_sleep", Placement::None),
         other => panic!("unknown variant {other:?}"),
     }
 }
@@ -758,6 +782,12 @@ fn throughput(o: &Options) {
         ),
         ("layer_1_task", "spawn_1_task", "throughput", ">= 0.97"),
         (
+            "layer_sleep_task",
+            "spawn_sleep_task",
+            "throughput",
+            ">= 0.97",
+        ),
+        (
             "layer_1_task_outer",
             "spawn_1_task",
             "throughput",
@@ -767,11 +797,17 @@ fn throughput(o: &Options) {
             "layer_1_task",
             "spawn_1_task",
             "server CPU/request",
-            "<= 1.05",
+            "<= 1.03",
         ),
         (
             "layer_1_task_outer",
             "spawn_1_task",
+            "server CPU/request",
+            "<= 1.05",
+        ),
+        (
+            "layer_sleep_task",
+            "spawn_sleep_task",
             "server CPU/request",
             "<= 1.05",
         ),
@@ -795,8 +831,10 @@ fn throughput(o: &Options) {
     println!("|---|---|---|---|---|");
     for (v, responses, s) in &checks {
         let (expected_ran, check) = match variant(v) {
-            ("task", _) => (*responses, s.ran == *responses && s.completed == *responses),
-            ("spawn", _) => (*responses, s.ran == *responses),
+            ("task" | "task_sleep", _) => {
+                (*responses, s.ran == *responses && s.completed == *responses)
+            }
+            ("spawn" | "spawn_sleep", _) => (*responses, s.ran == *responses),
             _ => (0, s.ran == 0 && s.completed == 0),
         };
         println!(
@@ -835,15 +873,19 @@ fn throughput(o: &Options) {
     );
 }
 
-// ---------------------------------------------------------------- rss mode
+// ---------------------------------------------------------------- sleep mode
 
-fn rss(o: &Options) {
+/// Tasks that await: handlers queue (or `tokio::spawn`) a task that sleeps
+/// 100 ms. Each run starts a fresh server per variant, so that its peak RSS
+/// belongs to that run; the ratios are taken within the run.
+fn sleep(o: &Options) {
     describe_machine(o);
     let client = client_runtime(o);
-    let variants = ["layer_sleep", "spawn_sleep"];
-    let mut peaks: Vec<Vec<(u64, u64)>> = vec![Vec::new(); 2];
-    let runs = o.rounds.clamp(1, 3);
-    for run in 0..runs {
+    let variants = ["layer_sleep_task", "spawn_sleep_task"];
+    // Per run and variant: (req/s, CPU µs/request, idle RSS kB, peak RSS kB).
+    let mut runs: Vec<[(f64, f64, u64, u64); 2]> = Vec::new();
+    for run in 0..o.rounds {
+        let mut row = [(0.0, 0.0, 0, 0); 2];
         for i in [run % 2, 1 - run % 2] {
             let server = Server::start(variants[i]);
             let idle = server.status_kb("VmRSS");
@@ -851,37 +893,223 @@ fn rss(o: &Options) {
             let s = client.block_on(server.stats(r.responses));
             let hwm = server.status_kb("VmHWM");
             eprintln!(
-                "run {} {:>12}: {:>8.0} req/s, RSS idle {idle} kB, peak {hwm} kB, tasks run {} of {}",
+                "run {} {:>16}: {:>8.0} req/s, cpu {:>6.2} µs/req, RSS idle {idle} kB, peak {hwm} kB, tasks run {} of {}",
                 run + 1,
                 variants[i],
                 r.rps(),
+                r.cpu_us_per_request(),
                 s.ran,
                 r.responses
             );
             assert_eq!(s.ran, r.responses, "every task ran");
-            peaks[i].push((idle, hwm));
+            row[i] = (r.rps(), r.cpu_us_per_request(), idle, hwm);
+        }
+        runs.push(row);
+    }
+    println!();
+    println!("| run | `layer_sleep_task` req/s | `spawn_sleep_task` req/s | throughput ratio | CPU/request ratio | peak RSS ratio (kB / kB) | growth over idle ratio |");
+    println!("|---|---|---|---|---|---|---|");
+    let mut ratios: [Vec<f64>; 4] = Default::default();
+    for (n, [l, s]) in runs.iter().enumerate() {
+        let r = [
+            l.0 / s.0,
+            l.1 / s.1,
+            l.3 as f64 / s.3 as f64,
+            (l.3 - l.2) as f64 / (s.3 - s.2) as f64,
+        ];
+        println!(
+            "| {} | {:.0} | {:.0} | {:.3} | {:.3} | {:.3} ({} / {}) | {:.3} |",
+            n + 1,
+            l.0,
+            s.0,
+            r[0],
+            r[1],
+            r[2],
+            l.3,
+            s.3,
+            r[3]
+        );
+        for (all, x) in ratios.iter_mut().zip(r) {
+            all.push(x);
         }
     }
     println!();
-    println!("| variant | peak RSS (VmHWM) median | growth over idle median |");
-    println!("|---|---|---|");
-    let mut med = Vec::new();
-    for (i, v) in variants.iter().enumerate() {
-        let hwm: Vec<f64> = peaks[i].iter().map(|p| p.1 as f64).collect();
-        let growth: Vec<f64> = peaks[i].iter().map(|p| (p.1 - p.0) as f64).collect();
-        println!(
-            "| `{v}` | {:.0} kB | {:.0} kB |",
-            median(&hwm),
-            median(&growth)
-        );
-        med.push((median(&hwm), median(&growth)));
+    let range = |v: &[f64]| {
+        let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = v.iter().copied().fold(0.0, f64::max);
+        format!("median {:.3} (range {min:.3}-{max:.3})", median(v))
+    };
+    println!(
+        "target: throughput layer_sleep_task / spawn_sleep_task = {} (target >= 0.97)",
+        range(&ratios[0])
+    );
+    println!(
+        "target: server CPU/request layer_sleep_task / spawn_sleep_task = {} (target <= 1.05)",
+        range(&ratios[1])
+    );
+    println!(
+        "target: peak RSS layer_sleep_task / spawn_sleep_task = {} (target <= 1.15); growth over idle {}",
+        range(&ratios[2]),
+        range(&ratios[3])
+    );
+}
+
+// ---------------------------------------------------------------- h2 mode
+
+/// Spins one core until the parent closes stdin (the `h2` mode's busy core).
+fn busy() {
+    std::thread::spawn(|| {
+        let mut sink = String::new();
+        while std::io::stdin().read_line(&mut sink).is_ok_and(|n| n > 0) {}
+        std::process::exit(0);
+    });
+    let mut x = 0u64;
+    loop {
+        x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+    }
+}
+
+/// A duration printed by h2load (`141us`, `1.06ms`, `2.1s`), in ms.
+fn h2load_ms(text: &str) -> f64 {
+    let (number, scale) = if let Some(n) = text.strip_suffix("us") {
+        (n, 0.001)
+    } else if let Some(n) = text.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = text.strip_suffix('s') {
+        (n, 1000.0)
+    } else {
+        panic!("an h2load duration: {text:?}")
+    };
+    number.parse::<f64>().expect("a number") * scale
+}
+
+/// Runs h2load against `server`'s `/` over h2c, one connection and one
+/// stream at a time; returns the (min, max, mean) response time in ms.
+fn h2load(server: &Server, requests: u64) -> (f64, f64, f64) {
+    let url = format!("http://{}/", server.addr);
+    let out = Command::new("h2load")
+        .args(["-n", &requests.to_string(), "-c", "1", "-m", "1", &url])
+        .output()
+        .expect("h2load (apt-get install nghttp2-client)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "h2load failed: {text}");
+    let done = format!("{requests} succeeded");
+    assert!(
+        text.contains(&done),
+        "h2load: not every request succeeded: {text}"
+    );
+    let line = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("time for request:"))
+        .expect("h2load's 'time for request' line");
+    // min max mean sd +/-sd
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    (
+        h2load_ms(fields[0]),
+        h2load_ms(fields[1]),
+        h2load_ms(fields[2]),
+    )
+}
+
+/// HTTP/2 mean response latency, one stream at a time, with one core busy
+/// and idle. Every variant is measured in each round, alternating the order.
+fn h2(o: &Options) {
+    let variants: Vec<&str> = if o.variants_given {
+        o.variants.iter().map(String::as_str).collect()
+    } else {
+        vec!["bare", "layer_1_task", "spawn_1_task"]
+    };
+    println!(
+        "h2load -n {} -c 1 -m 1 over h2c (no TCP_NODELAY), {} rounds; mean response time in ms",
+        o.h2_requests, o.rounds
+    );
+    let servers: Vec<Server> = variants.iter().map(|v| Server::start(v)).collect();
+    // Warm-up: the first requests of a fresh server (lazy initialisation,
+    // first connection) are not what is compared.
+    for server in &servers {
+        h2load(server, 100);
+    }
+    let client = client_runtime(o);
+    // means[load][variant][round]
+    let mut means = vec![vec![Vec::new(); variants.len()]; 2];
+    for r in 0..o.rounds {
+        for (load, busy) in [(0, true), (1, false)] {
+            let hog = busy.then(|| {
+                let exe = std::env::current_exe().expect("current exe");
+                Command::new(exe)
+                    .arg("busy")
+                    .stdin(Stdio::piped())
+                    .spawn()
+                    .expect("start the busy loop")
+            });
+            if hog.is_some() {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            let order: Vec<usize> = if r % 2 == 0 {
+                (0..variants.len()).collect()
+            } else {
+                (0..variants.len()).rev().collect()
+            };
+            for i in order {
+                let (min, max, mean) = h2load(&servers[i], o.h2_requests);
+                eprintln!(
+                    "round {} {:>4} {:>14}: mean {mean:.3} ms (min {min:.3}, max {max:.3})",
+                    r + 1,
+                    if busy { "busy" } else { "idle" },
+                    variants[i]
+                );
+                means[load][i].push(mean);
+            }
+            if let Some(mut hog) = hog {
+                drop(hog.stdin.take());
+                let _ = hog.kill();
+                let _ = hog.wait();
+            }
+        }
+    }
+    // Every task ran.
+    for (i, server) in servers.iter().enumerate() {
+        let handler = variant(variants[i]).0;
+        if handler == "hello" {
+            continue;
+        }
+        let expected = 100 + 2 * o.rounds as u64 * o.h2_requests;
+        let s = client.block_on(server.stats(expected));
+        assert_eq!(s.ran, expected, "{}: every task ran", variants[i]);
     }
     println!();
-    println!(
-        "peak RSS layer_sleep / spawn_sleep = {:.3} (target <= 1.25); growth ratio {:.3}",
-        med[0].0 / med[1].0,
-        med[0].1 / med[1].1
-    );
+    println!("| variant | one core busy: mean per round (ms) | idle: mean per round (ms) |");
+    println!("|---|---|---|");
+    let list = |v: &[f64]| {
+        v.iter()
+            .map(|m| format!("{m:.3}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    for (i, v) in variants.iter().enumerate() {
+        println!(
+            "| `{v}` | {} | {} |",
+            list(&means[0][i]),
+            list(&means[1][i])
+        );
+    }
+    println!();
+    if let (Some(b), Some(l)) = (
+        variants.iter().position(|v| *v == "bare"),
+        variants.iter().position(|v| *v == "layer_1_task"),
+    ) {
+        for (load, name) in [(0, "busy"), (1, "idle")] {
+            let bare = median(&means[load][b]);
+            let layer = median(&means[load][l]);
+            let bound = 1.5 * bare + 0.2;
+            println!(
+                "target ({name}): layer_1_task {layer:.3} ms <= 1.5 x bare {bare:.3} ms + 0.2 ms = {bound:.3} ms: {} \
+                 (medians over {} rounds)",
+                if layer <= bound { "met" } else { "NOT met" },
+                o.rounds
+            );
+        }
+    }
 }
 
 // ---------------------------------------------------------------- instructions mode

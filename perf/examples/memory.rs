@@ -5,6 +5,8 @@
 //! ```text
 //! cargo run --release -p perf --example memory               # all cases, 100,000 tasks
 //! cargo run --release -p perf --example memory -- 1000000    # another count
+//! cargo run --release -p perf --example memory -- allocs     # allocations and bytes per request
+//! cargo run --release -p perf --example memory -- instructions   # the same cases in instructions (valgrind)
 //! ```
 //!
 //! Each case runs in a fresh child process of this binary (so that one case's
@@ -21,6 +23,19 @@
 //! bytes (counted by this binary's global allocator), per waiting task, next
 //! to the size of the task's own future; then both again after the tasks
 //! have run (and after `malloc_trim(0)`, which hands glibc's free pages back).
+//!
+//! The `allocs` mode counts the heap allocations and the bytes allocated per
+//! request (2,000 requests after 200 of warm-up, current-thread runtime,
+//! each request waiting for its tasks): the bare service, the layer with 0, 1
+//! and 10 tasks, and `tokio::spawn` of 1 and 10 tasks awaited through their
+//! `JoinHandle`s.
+//!
+//! The `instructions` mode runs each of those cases under callgrind
+//! (`valgrind --tool=callgrind`, which must be installed) twice, with 1,000
+//! and with 3,000 measured requests, and reports the difference of the two
+//! totals / 2,000: the instructions of one request of the case, everything
+//! it makes run on the thread included (the tasks and their runners), and
+//! nothing else (start-up and warm-up cancel out).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::convert::Infallible;
@@ -33,12 +48,21 @@ use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
 use tokio::sync::{oneshot, Semaphore};
 use tower::{service_fn, Layer, ServiceExt};
-use tower_background::{BackgroundLayer, BackgroundTasks};
+use tower_background::{BackgroundLayer, BackgroundTasks, Execution};
 
 /// Counts the live heap bytes of the process.
 struct Counting;
 
 static LIVE: AtomicI64 = AtomicI64::new(0);
+/// Allocations made (`alloc`, `alloc_zeroed` and growing `realloc`s count one
+/// each) and the bytes they asked for.
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+static ALLOCATED: AtomicU64 = AtomicU64::new(0);
+
+fn count(size: usize) {
+    ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+    ALLOCATED.fetch_add(size as u64, Ordering::Relaxed);
+}
 
 /// While `RECORD` is set, the sizes of the allocations made, in order (the
 /// first `SIZES.len()` of them): one request's breakdown.
@@ -75,17 +99,22 @@ async fn sizes_of<F: std::future::Future>(f: F) -> Vec<usize> {
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         record(layout.size());
+        count(layout.size());
         LIVE.fetch_add(layout.size() as i64, Ordering::Relaxed);
         System.alloc(layout)
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         record(layout.size());
+        count(layout.size());
         LIVE.fetch_add(layout.size() as i64, Ordering::Relaxed);
         System.alloc_zeroed(layout)
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if new_size > layout.size() {
+            count(new_size - layout.size());
+        }
         LIVE.fetch_add(new_size as i64 - layout.size() as i64, Ordering::Relaxed);
         System.realloc(ptr, layout, new_size)
     }
@@ -144,6 +173,17 @@ fn snapshot() -> Snapshot {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("allocs") => return allocs(),
+        Some("instructions") => return instructions(),
+        Some("one") => {
+            // One case, for `instructions`: `one INDEX REQUESTS`.
+            let (_, layered, tasks) = CASES[args[1].parse::<usize>().expect("a case index")];
+            per_request(layered, tasks, args[2].parse().expect("a count"));
+            return;
+        }
+        _ => {}
+    }
     if args.first().map(String::as_str) == Some("case") {
         let n = args[2].parse().expect("a count");
         run_case(&args[1], n);
@@ -362,5 +402,230 @@ fn report(
         after.rss_kb - before.rss_kb,
         trimmed.rss_kb - before.rss_kb,
         after.heap - before.heap,
+    );
+}
+
+// ---------------------------------------------------------------- allocs mode
+
+const WARM_UP: u64 = 200;
+const REQUESTS: u64 = 2_000;
+
+/// The cases of the `allocs` and `instructions` modes: name, behind the
+/// layer, tasks.
+const CASES: [(&str, bool, Tasks); 7] = [
+    ("bare", false, Tasks::None),
+    ("layer, no task", true, Tasks::None),
+    (
+        "layer, 1 task",
+        true,
+        Tasks::Layer(1, Execution::Sequential),
+    ),
+    ("tokio::spawn, 1 task", false, Tasks::Spawn(1)),
+    (
+        "layer, 10 tasks (sequential)",
+        true,
+        Tasks::Layer(10, Execution::Sequential),
+    ),
+    (
+        "layer, 10 tasks (concurrent)",
+        true,
+        Tasks::Layer(10, Execution::Concurrent),
+    ),
+    ("tokio::spawn, 10 tasks", false, Tasks::Spawn(10)),
+];
+
+/// A handler that queues (or spawns) `tasks` trivial tasks.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Tasks {
+    None,
+    Layer(usize, Execution),
+    Spawn(usize),
+}
+
+fn allocs() {
+    println!(
+        "allocations and bytes allocated per request, {REQUESTS} requests after {WARM_UP} of warm-up, \
+         current-thread runtime; each request waits for its tasks"
+    );
+    println!();
+    println!("| case | allocations/request | bytes allocated/request | beyond `bare` |");
+    println!("|---|---|---|---|");
+    let mut bare = (0.0, 0.0);
+    for (name, layered, tasks) in CASES {
+        let (n, bytes) = per_request(layered, tasks, REQUESTS);
+        if name == "bare" {
+            bare = (n, bytes);
+        }
+        println!(
+            "| {name} | {n:.2} | {bytes:.0} | +{:.2} allocations, +{:.0} B |",
+            n - bare.0,
+            bytes - bare.1
+        );
+    }
+}
+
+/// Allocations and bytes per request of one case.
+fn per_request(layered: bool, tasks: Tasks, requests: u64) -> (f64, f64) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    rt.block_on(async {
+        let ran = Arc::new(AtomicU64::new(0));
+        let execution = match tasks {
+            Tasks::Layer(_, execution) => execution,
+            _ => Execution::Sequential,
+        };
+        let layer = BackgroundLayer::new().execution(execution);
+        let handle = layer.handle();
+        let joins: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> =
+            Arc::new(Mutex::new(Vec::with_capacity(16)));
+        let inner = {
+            let (ran, joins) = (Arc::clone(&ran), Arc::clone(&joins));
+            service_fn(move |req: Request<Full<bytes::Bytes>>| {
+                match tasks {
+                    Tasks::None => {}
+                    Tasks::Layer(n, _) => {
+                        let queue = req
+                            .extensions()
+                            .get::<BackgroundTasks>()
+                            .expect("the layer");
+                        for _ in 0..n {
+                            queue.add(small_task(Arc::clone(&ran)));
+                        }
+                    }
+                    Tasks::Spawn(n) => {
+                        let mut joins = joins.lock().expect("not poisoned");
+                        for _ in 0..n {
+                            joins.push(tokio::spawn(small_task(Arc::clone(&ran))));
+                        }
+                    }
+                }
+                std::future::ready(Ok::<_, Infallible>(Response::new(Full::new(
+                    bytes::Bytes::from_static(b"ok"),
+                ))))
+            })
+        };
+        let wait = matches!(tasks, Tasks::Layer(..)).then_some(&handle);
+        let counted = if layered {
+            drive(layer.layer(inner), wait, &joins, requests).await
+        } else {
+            drive(inner, wait, &joins, requests).await
+        };
+        let n = (ALLOCATIONS.load(Ordering::Relaxed) - counted.0) as f64 / requests as f64;
+        let bytes = (ALLOCATED.load(Ordering::Relaxed) - counted.1) as f64 / requests as f64;
+        let per_task = match tasks {
+            Tasks::None => 0,
+            Tasks::Layer(n, _) | Tasks::Spawn(n) => n as u64,
+        };
+        assert_eq!(
+            ran.load(Ordering::Relaxed),
+            (WARM_UP + requests) * per_task,
+            "every task ran"
+        );
+        (n, bytes)
+    })
+}
+
+/// Sends the warm-up and measured requests through `svc`, each followed by
+/// the wait for its tasks; returns the counters at the start of the
+/// measured requests.
+async fn drive<S, B>(
+    svc: S,
+    wait: Option<&tower_background::BackgroundHandle>,
+    joins: &Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    requests: u64,
+) -> (u64, u64)
+where
+    S: tower::Service<Request<Full<bytes::Bytes>>, Response = Response<B>, Error = Infallible>
+        + Clone,
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
+    let mut counted = (0, 0);
+    for i in 0..WARM_UP + requests {
+        if i == WARM_UP {
+            counted = (
+                ALLOCATIONS.load(Ordering::Relaxed),
+                ALLOCATED.load(Ordering::Relaxed),
+            );
+        }
+        let res = svc
+            .clone()
+            .oneshot(Request::new(Full::default()))
+            .await
+            .expect("infallible");
+        drop(res.into_body().collect().await.expect("a body"));
+        if let Some(handle) = wait {
+            handle.wait_idle().await;
+        }
+        loop {
+            let next = joins.lock().expect("not poisoned").pop();
+            match next {
+                Some(join) => join.await.expect("the task does not panic"),
+                None => break,
+            }
+        }
+    }
+    counted
+}
+
+/// Total instructions of `memory one INDEX REQUESTS` under callgrind.
+fn callgrind_total(index: usize, requests: u64) -> u64 {
+    let dir = std::env::temp_dir().join(format!("memory-callgrind-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a temporary directory");
+    let out = dir.join(format!("out.{index}.{requests}"));
+    let exe = std::env::current_exe().expect("current exe");
+    let status = Command::new("valgrind")
+        .args(["-q", "--tool=callgrind"])
+        .arg(format!("--callgrind-out-file={}", out.display()))
+        .arg(exe)
+        .args(["one", &index.to_string(), &requests.to_string()])
+        .status()
+        .expect("valgrind (apt-get install valgrind)");
+    assert!(status.success(), "the case ran under callgrind");
+    let text = std::fs::read_to_string(&out).expect("the callgrind output");
+    let _ = std::fs::remove_dir_all(&dir);
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix("totals:")
+                .or_else(|| l.strip_prefix("summary:"))
+        })
+        .expect("a totals line")
+        .trim()
+        .parse()
+        .expect("a count")
+}
+
+fn instructions() {
+    println!(
+        "instructions per request under callgrind: (total with 3,000 requests - total with 1,000) / 2,000, \
+         current-thread runtime; each request waits for its tasks"
+    );
+    println!();
+    println!("| case | instructions/request | beyond `bare` |");
+    println!("|---|---|---|");
+    let mut per = Vec::new();
+    for (index, (name, _, _)) in CASES.iter().enumerate() {
+        let low = callgrind_total(index, 1_000);
+        let high = callgrind_total(index, 3_000);
+        let one = high.saturating_sub(low) as f64 / 2_000.0;
+        let bare = per.first().copied().unwrap_or(one);
+        println!("| {name} | {one:.0} | +{:.0} |", one - bare);
+        per.push(one);
+    }
+    println!();
+    println!(
+        "layer, 1 task / tokio::spawn, 1 task = {:.2}x; layer, 10 tasks (concurrent) / tokio::spawn, 10 tasks = {:.2}x; \
+         layer, 10 tasks (sequential) / tokio::spawn, 10 tasks = {:.2}x",
+        per[2] / per[3],
+        per[5] / per[6],
+        per[4] / per[6]
+    );
+    println!(
+        "one task through the layer (layer 1 task - layer no task) / one spawn (spawn 1 task - bare) = {:.0} / {:.0} = {:.2}x",
+        per[2] - per[1],
+        per[3] - per[0],
+        (per[2] - per[1]) / (per[3] - per[0])
     );
 }
