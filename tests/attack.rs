@@ -1895,3 +1895,191 @@ async fn a_panicking_on_task_end_hook_is_contained() {
     );
     assert_settled(&handle, 8);
 }
+
+// ---------------------------------------------------------------------------
+// Late adds from many threads into running requests, under a permit limit.
+// ---------------------------------------------------------------------------
+
+/// What the tasks of one request saw.
+#[derive(Default)]
+struct Seen {
+    /// A task of this request is running (Sequential: never two at once).
+    busy: AtomicBool,
+    overlaps: AtomicUsize,
+    /// The last sequence number run, per adding thread.
+    last: Mutex<Vec<Option<u64>>>,
+    out_of_order: AtomicUsize,
+    ran: AtomicU64,
+}
+
+async fn late_adds_from_many_threads(execution: Execution, limit: usize, per_thread: u64) {
+    const REQUESTS: usize = 2;
+    const THREADS: usize = 4;
+    let layer = BackgroundLayer::new()
+        .execution(execution)
+        .max_concurrent_tasks(limit);
+    let handle = layer.handle();
+    let mut queues = Vec::new();
+    let mut seen = Vec::new();
+    for _ in 0..REQUESTS {
+        let slot = Arc::new(Mutex::new(None));
+        let s = slot.clone();
+        let res = support::call(&layer, Response::new(body_of("x")), move |tasks| {
+            *s.lock().unwrap() = Some(tasks.clone());
+        })
+        .await;
+        drop(res); // started: every add from now on is a late add
+        queues.push(slot.lock().unwrap().take().unwrap());
+        let sn = Seen::default();
+        *sn.last.lock().unwrap() = vec![None; THREADS];
+        seen.push(Arc::new(sn));
+    }
+    let mut threads = Vec::new();
+    for t in 0..THREADS {
+        let queues = queues.clone();
+        let seen = seen.clone();
+        threads.push(std::thread::spawn(move || {
+            for i in 0..per_thread {
+                for (q, tasks) in queues.iter().enumerate() {
+                    let s = seen[q].clone();
+                    tasks.add(async move {
+                        if s.busy.swap(true, SeqCst) {
+                            s.overlaps.fetch_add(1, SeqCst);
+                        }
+                        {
+                            let mut last = s.last.lock().unwrap();
+                            if last[t].is_some_and(|l| l >= i) {
+                                s.out_of_order.fetch_add(1, SeqCst);
+                            }
+                            last[t] = Some(i);
+                        }
+                        if i % 7 == 0 {
+                            tokio::task::yield_now().await;
+                        }
+                        s.busy.store(false, SeqCst);
+                        s.ran.fetch_add(1, SeqCst);
+                    });
+                }
+            }
+        }));
+    }
+    // The adding threads are outside the runtime: their tasks run on the
+    // runtime that served the requests.
+    for t in threads {
+        t.join().unwrap();
+    }
+    let total = (REQUESTS * THREADS) as u64 * per_thread;
+    let done = tokio::time::timeout(support::LIMIT, async {
+        while handle.stats().total() < total || !handle.stats().is_idle_now() {
+            handle.wait_idle().await;
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    if done.is_err() {
+        let ran: Vec<u64> = seen.iter().map(|s| s.ran.load(SeqCst)).collect();
+        panic!(
+            "{execution:?}, limit {limit}: the late tasks never all ran: ran {ran:?} of {} each, {:?}, queues {queues:?}",
+            THREADS as u64 * per_thread,
+            handle.stats()
+        );
+    }
+    for (q, s) in seen.iter().enumerate() {
+        println!(
+            "{execution:?}, limit {limit}: request {q}: {} ran, {} overlaps, {} out of order",
+            s.ran.load(SeqCst),
+            s.overlaps.load(SeqCst),
+            s.out_of_order.load(SeqCst)
+        );
+        assert_eq!(s.ran.load(SeqCst), THREADS as u64 * per_thread);
+        if execution == Execution::Sequential {
+            assert_eq!(
+                s.overlaps.load(SeqCst),
+                0,
+                "two tasks of one request ran at once"
+            );
+            assert_eq!(
+                s.out_of_order.load(SeqCst),
+                0,
+                "tasks ran out of their add order"
+            );
+        }
+    }
+    assert_eq!(handle.stats().completed, total);
+    assert_settled(&handle, total);
+}
+
+trait IdleNow {
+    fn is_idle_now(&self) -> bool;
+}
+
+impl IdleNow for tower_background::Stats {
+    fn is_idle_now(&self) -> bool {
+        self.pending == 0 && self.running == 0
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_adds_from_threads_sequential_limit_1() {
+    late_adds_from_many_threads(Execution::Sequential, 1, 2_000).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_adds_from_threads_sequential_limit_3() {
+    late_adds_from_many_threads(Execution::Sequential, 3, 2_000).await;
+}
+
+/// Fewer tasks than the sequential cases: with a limit, concurrent
+/// execution costs time quadratic in a request's backlog (see
+/// `concurrent_limited_backlog_is_not_quadratic`); 2,000 per thread did not
+/// finish in 10 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_adds_from_threads_concurrent_limit_3() {
+    late_adds_from_many_threads(Execution::Concurrent, 3, 300).await;
+}
+
+/// One request with many ready tasks under `Execution::Concurrent` and
+/// `max_concurrent_tasks`: each task start must not cost a walk of the
+/// whole backlog (quadratic time, with the request's lock held).
+async fn concurrent_limited_backlog(n: u64, limit: usize) -> Duration {
+    let layer = BackgroundLayer::new()
+        .execution(Execution::Concurrent)
+        .max_concurrent_tasks(limit);
+    let handle = layer.handle();
+    let t0 = Instant::now();
+    let res = support::call(&layer, Response::new(body_of("x")), move |tasks| {
+        for _ in 0..n {
+            tasks.add(async {});
+        }
+    })
+    .await;
+    drop(res);
+    let done = tokio::time::timeout(Duration::from_secs(60), handle.wait_idle()).await;
+    let took = t0.elapsed();
+    assert!(
+        done.is_ok(),
+        "{n} tasks not done in 60 s: {:?}",
+        handle.stats()
+    );
+    assert_eq!(handle.stats().completed, n);
+    took
+}
+
+/// Four times the tasks must take about four times as long, not sixteen.
+/// Measured in a debug build while the bug is there: 2,000 tasks 0.42 s,
+/// 4,000 1.5 s, 8,000 5.8 s, 16,000 21 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "bug: Concurrent + max_concurrent_tasks walks the request's whole backlog twice per task start (quadratic time under the request's lock)"]
+async fn concurrent_limited_backlog_is_not_quadratic() {
+    let small = concurrent_limited_backlog(4_000, 2).await;
+    let large = concurrent_limited_backlog(16_000, 2).await;
+    let ratio = large.as_secs_f64() / small.as_secs_f64();
+    println!(
+        "Concurrent, max_concurrent_tasks(2), one request: 4,000 ready tasks {small:?}, \
+         16,000 {large:?} ({ratio:.1}x)"
+    );
+    assert!(
+        ratio < 8.0,
+        "4x the tasks took {ratio:.1}x the time: quadratic ({small:?} then {large:?})"
+    );
+}
