@@ -182,6 +182,11 @@ pub(crate) struct RequestQueue {
 struct QueueState {
     /// Tasks not taken by a runner yet; newest first.
     waiting: TaskList,
+    /// Tasks a runner handed back when it had to wait for permits, oldest
+    /// first and older than every task of `waiting`: kept in this order so
+    /// that a request served a few permits at a time gives up its next task
+    /// without walking the others.
+    ready: TaskList,
     /// The drain token is held: by a runner that takes the next tasks, or by
     /// the request's entry in the FIFO of the layer's limit.
     drainer: bool,
@@ -197,6 +202,24 @@ struct QueueState {
     /// (the one current when it started to wait), whoever releases the permit.
     #[cfg(not(tower_background_loom))]
     parked_on: Option<Handle>,
+    /// While the request waits for a permit: the end of its time budget, if
+    /// its first task started.
+    parked_budget_end: Option<Instant>,
+}
+
+impl QueueState {
+    /// Every task not taken by a runner, oldest first.
+    fn take_all(&mut self) -> TaskList {
+        let mut all = self.ready.take();
+        if !self.waiting.is_empty() {
+            all.concat(self.waiting.take().reversed());
+        }
+        all
+    }
+
+    fn is_empty(&self) -> bool {
+        self.waiting.is_empty() && self.ready.is_empty()
+    }
 }
 
 impl RequestQueue {
@@ -366,7 +389,7 @@ impl RequestQueue {
         if word & HAS_TASKS == 0 {
             return;
         }
-        let waiting = self.lock().waiting.take();
+        let waiting = self.lock().take_all();
         let n = self.forget(waiting, Ending::Discarded);
         if n > 0 {
             tracing::warn!(
@@ -479,7 +502,7 @@ impl RequestQueue {
         let config = &self.shared.config;
         let registry = &self.shared.registry;
         if registry.is_closed() {
-            let waiting = state.waiting.take();
+            let waiting = state.take_all();
             drop(state);
             self.forget(waiting, Ending::Cancelled);
             return;
@@ -505,6 +528,19 @@ impl RequestQueue {
         } else {
             TaskList::default()
         };
+        let merged = if state.has_keys {
+            self.claim_keys(&mut state.waiting)
+        } else {
+            TaskList::default()
+        };
+        let mut batch = None;
+        if !state.is_empty() && !state.drainer {
+            state.drainer = true;
+            batch = Some(state.take_all());
+        }
+        // Tasks are dropped (their `Drop` may add to this request) and
+        // observed only once the request's lock is released.
+        drop(state);
         if !skipped.is_empty() {
             let n = self.forget(skipped, Ending::Skipped);
             tracing::debug!(
@@ -513,11 +549,6 @@ impl RequestQueue {
                 "background tasks skipped: their run policy does not run them after this response"
             );
         }
-        let merged = if state.has_keys {
-            self.claim_keys(&mut state.waiting)
-        } else {
-            TaskList::default()
-        };
         if !merged.is_empty() {
             let n = self.forget(merged, Ending::Replaced);
             tracing::debug!(
@@ -525,12 +556,6 @@ impl RequestQueue {
                 "background tasks merged into pending tasks with the same coalescing key"
             );
         }
-        let mut batch = None;
-        if !state.waiting.is_empty() && !state.drainer {
-            state.drainer = true;
-            batch = Some(state.waiting.take().reversed());
-        }
-        drop(state);
         self.discard_on_abort(dropped);
         if let Some(batch) = batch {
             let mut runner = Runner::new(self.clone(), completion, batch, 0);
@@ -564,7 +589,8 @@ impl RequestQueue {
 impl Parked for RequestQueue {
     fn resume(self: Arc<Self>) {
         let mut state = self.lock();
-        let batch = state.waiting.take().reversed();
+        let batch = state.take_all();
+        let budget_end = state.parked_budget_end.take();
         #[cfg(not(tower_background_loom))]
         let runtime = state.parked_on.take();
         #[cfg(tower_background_loom)]
@@ -573,6 +599,7 @@ impl Parked for RequestQueue {
         let completion = self.completion();
         let shared = Arc::clone(&self.shared);
         let mut runner = Runner::new(self, completion, batch, 1);
+        runner.budget_end = budget_end;
         if runner.reserve() {
             spawn_on(&shared, runtime, runner);
         }
@@ -580,7 +607,7 @@ impl Parked for RequestQueue {
 
     fn cancel(self: Arc<Self>) {
         let mut state = self.lock();
-        let waiting = state.waiting.take();
+        let waiting = state.take_all();
         state.drainer = false;
         drop(state);
         self.forget(waiting, Ending::Cancelled);
@@ -592,7 +619,7 @@ impl Drop for RequestQueue {
         // Only reachable with tasks left if a runtime dropped a runner before
         // it took them: count them, never lose them silently.
         let state = self.state.get_mut().unwrap_or_else(PoisonError::into_inner);
-        let waiting = state.waiting.take();
+        let waiting = state.take_all();
         self.forget(waiting, Ending::Cancelled);
     }
 }
@@ -669,13 +696,13 @@ impl Runner {
                 return false;
             }
             let mut state = self.queue.lock();
-            if state.waiting.is_empty() {
+            if state.is_empty() {
                 // Retire: a later add spawns a new runner.
                 state.drainer = false;
                 self.drains = false;
                 return false;
             }
-            self.batch = state.waiting.take().reversed();
+            self.batch = state.take_all();
         }
         if self.queue.shared.registry.is_closed() {
             return false; // `Drop` counts what is left
@@ -757,15 +784,24 @@ impl Runner {
             // a resume of the request finds them.
             let mut state = self.queue.lock();
             let rest = self.batch.split_off(self.permits);
-            state.waiting.concat(rest.reversed());
+            // Older than anything the request holds (we hold its drain token,
+            // so nobody else took from it): they go in front, in order.
+            if state.ready.is_empty() {
+                state.ready = rest;
+            } else {
+                let mut rest = rest;
+                rest.concat(state.ready.take());
+                state.ready = rest;
+            }
             // Served in part: the rest keeps the request's place at the head.
             let front = self.permits > 0;
             match limit.acquire_or_park(|| self.queue.clone(), front) {
                 Acquired::Permit => {
                     self.permits += 1;
-                    self.batch.concat(state.waiting.take().reversed());
+                    self.batch.concat(state.take_all());
                 }
                 Acquired::Parked => {
+                    state.parked_budget_end = self.budget_end;
                     #[cfg(not(tower_background_loom))]
                     {
                         state.parked_on = Handle::try_current()
@@ -792,12 +828,12 @@ impl Runner {
             self.batch.take()
         } else if self.drains {
             let mut state = self.queue.lock();
-            if state.waiting.is_empty() {
+            if state.is_empty() {
                 state.drainer = false;
                 self.drains = false;
                 return;
             }
-            state.waiting.take().reversed()
+            state.take_all()
         } else {
             return;
         };
@@ -931,7 +967,7 @@ impl Drop for Runner {
         if self.drains {
             let mut state = self.queue.lock();
             state.drainer = false;
-            left.concat(state.waiting.take());
+            left.concat(state.take_all());
         }
         let (over_budget, closed) = (self.over_budget(), shared.registry.is_closed());
         let ending = if over_budget && !closed {

@@ -1683,7 +1683,6 @@ impl Drop for QueueOnDrop {
 /// is dropped like any other: its values may use the request's queue in
 /// their `Drop` (and the `on_task_end` hook may run) without a deadlock.
 #[test]
-#[ignore = "bug: tasks skipped by their run policy are dropped (and the hook called) under the request's lock: a Drop that uses the queue deadlocks"]
 fn a_skipped_task_whose_drop_adds_a_task_does_not_deadlock() {
     let layer = BackgroundLayer::new().on_task_end(|_end| {});
     let handle = layer.handle();
@@ -1727,7 +1726,6 @@ fn a_skipped_task_whose_drop_adds_a_task_does_not_deadlock() {
 /// start of its first task", also when the request gives its permit of
 /// `max_concurrent_tasks` to another request between two of its tasks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: a request that hands its permit to another request between two tasks starts a fresh time budget when it resumes"]
 async fn request_time_budget_holds_across_permit_waits() {
     let layer = BackgroundLayer::new()
         .max_concurrent_tasks(1)
@@ -2069,7 +2067,6 @@ async fn concurrent_limited_backlog(n: u64, limit: usize) -> Duration {
 /// Measured in a debug build while the bug is there: 2,000 tasks 0.42 s,
 /// 4,000 1.5 s, 8,000 5.8 s, 16,000 21 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: Concurrent + max_concurrent_tasks walks the request's whole backlog twice per task start (quadratic time under the request's lock)"]
 async fn concurrent_limited_backlog_is_not_quadratic() {
     let small = concurrent_limited_backlog(4_000, 2).await;
     let large = concurrent_limited_backlog(16_000, 2).await;
