@@ -111,18 +111,72 @@ pub(crate) trait Work: Send + 'static {
     ) -> Poll<Ending>;
 }
 
-/// What a handler said about a task besides its work.
+/// What a handler said about a task besides its work, boxed apart so that a
+/// plain task's allocation grows by one pointer only.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Options {
-    pub(crate) name: Option<&'static str>,
+    set: Option<Box<TaskSettings>>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct TaskSettings {
+    name: Option<&'static str>,
     /// `None`: the layer's default.
-    pub(crate) run_policy: Option<RunPolicy>,
+    run_policy: Option<RunPolicy>,
     /// When it was added, if task ends are observed.
-    pub(crate) added_at: Option<std::time::Instant>,
+    added_at: Option<std::time::Instant>,
     /// The layer-wide coalescing key.
-    pub(crate) key: Option<std::sync::Arc<str>>,
+    key: Option<std::sync::Arc<str>>,
     /// This task holds its key in the layer's set of pending keys.
-    pub(crate) key_held: bool,
+    key_held: bool,
+}
+
+impl Options {
+    fn set_mut(&mut self) -> &mut TaskSettings {
+        self.set.get_or_insert_with(Box::default)
+    }
+
+    pub(crate) fn name(&self) -> Option<&'static str> {
+        self.set.as_ref().and_then(|set| set.name)
+    }
+
+    pub(crate) fn set_name(&mut self, name: &'static str) {
+        self.set_mut().name = Some(name);
+    }
+
+    pub(crate) fn run_policy(&self) -> Option<RunPolicy> {
+        self.set.as_ref().and_then(|set| set.run_policy)
+    }
+
+    pub(crate) fn set_run_policy(&mut self, policy: RunPolicy) {
+        self.set_mut().run_policy = Some(policy);
+    }
+
+    pub(crate) fn added_at(&self) -> Option<std::time::Instant> {
+        self.set.as_ref().and_then(|set| set.added_at)
+    }
+
+    pub(crate) fn set_added_at(&mut self, at: std::time::Instant) {
+        self.set_mut().added_at = Some(at);
+    }
+
+    pub(crate) fn key(&self) -> Option<&std::sync::Arc<str>> {
+        self.set.as_ref().and_then(|set| set.key.as_ref())
+    }
+
+    pub(crate) fn set_key(&mut self, key: std::sync::Arc<str>) {
+        self.set_mut().key = Some(key);
+    }
+
+    pub(crate) fn key_held(&self) -> bool {
+        self.set.as_ref().is_some_and(|set| set.key_held)
+    }
+
+    pub(crate) fn set_key_held(&mut self, held: bool) {
+        if held || self.set.is_some() {
+            self.set_mut().key_held = held;
+        }
+    }
 }
 
 pin_project! {

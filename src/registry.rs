@@ -370,7 +370,17 @@ impl Registry {
     /// memory model; loom models them as acquire loads, and this is the path
     /// it checks.)
     fn settle(&self) {
-        if self.idle_waiters.load(SeqCst) > 0 && self.snapshot(true).is_idle() {
+        if self.idle_waiters.load(SeqCst) == 0 {
+            return;
+        }
+        // While other tasks are in flight, the last of them to end settles:
+        // its end comes after this one's counter in the order of the
+        // read-modify-writes above, so it sees it.
+        let word = self.state.load(SeqCst);
+        if word & CLOSED == 0 && word >= ONE_TASK {
+            return;
+        }
+        if self.snapshot(true).is_idle() {
             self.idle.notify_waiters();
         }
     }

@@ -198,13 +198,19 @@ struct QueueState {
     own_policies: bool,
     /// A task has a coalescing key.
     has_keys: bool,
-    /// While the request waits for a permit: the runtime its tasks run on
-    /// (the one current when it started to wait), whoever releases the permit.
+    /// While the request waits for a permit: where and how it goes on.
+    parked: Option<Box<ParkedRun>>,
+}
+
+/// How a request that waits for a permit goes on once it gets one.
+#[derive(Debug, Default)]
+struct ParkedRun {
+    /// The runtime its tasks run on (the one current when it started to
+    /// wait), whoever releases the permit.
     #[cfg(not(tower_background_loom))]
-    parked_on: Option<Handle>,
-    /// While the request waits for a permit: the end of its time budget, if
-    /// its first task started.
-    parked_budget_end: Option<Instant>,
+    runtime: Option<Handle>,
+    /// The end of its time budget, if its first task started.
+    budget_end: Option<Instant>,
 }
 
 impl QueueState {
@@ -343,12 +349,12 @@ impl RequestQueue {
         }
         observe::added(registry);
         state.added += 1;
-        state.own_policies |= job.options().run_policy.is_some();
-        state.has_keys |= job.options().key.is_some();
-        let replaced = match job.options().name {
+        state.own_policies |= job.options().run_policy().is_some();
+        state.has_keys |= job.options().key().is_some();
+        let replaced = match job.options().name() {
             Some(name) => state
                 .waiting
-                .remove_where(|old| old.options().name == Some(name)),
+                .remove_where(|old| old.options().name() == Some(name)),
             None => TaskList::default(),
         };
         self.not_started.fetch_add(1, Ordering::AcqRel);
@@ -367,7 +373,7 @@ impl RequestQueue {
         let removed = self
             .lock()
             .waiting
-            .remove_where(|job| job.options().name == Some(name));
+            .remove_where(|job| job.options().name() == Some(name));
         self.forget(removed, Ending::Replaced)
     }
 
@@ -410,10 +416,10 @@ impl RequestQueue {
         let mut oldest_first = waiting.take().reversed();
         while let Some(mut job) = oldest_first.pop() {
             let options = job.options_mut();
-            match &options.key {
-                Some(key) if !options.key_held => {
-                    if registry.claim_key(key) {
-                        options.key_held = true;
+            match options.key().cloned() {
+                Some(key) if !options.key_held() => {
+                    if registry.claim_key(&key) {
+                        options.set_key_held(true);
                         kept.push(job);
                     } else {
                         merged.push(job);
@@ -429,9 +435,9 @@ impl RequestQueue {
     /// Gives back the key a task holds, if it holds one.
     fn release_key(&self, job: &mut dyn Job) {
         let options = job.options_mut();
-        if options.key_held {
-            options.key_held = false;
-            if let Some(key) = &options.key {
+        if options.key_held() {
+            options.set_key_held(false);
+            if let Some(key) = options.key() {
                 self.shared.registry.release_key(key);
             }
         }
@@ -470,7 +476,7 @@ impl RequestQueue {
     /// observed.
     pub(crate) fn stamp(&self, mut options: Options) -> Options {
         if observe::enabled(&self.shared.config) {
-            options.added_at = Some(std::time::Instant::now());
+            options.set_added_at(std::time::Instant::now());
         }
         options
     }
@@ -483,10 +489,10 @@ impl RequestQueue {
         }
         let ran = started_at.map(|started| started.elapsed());
         let queued = started_at
-            .zip(job.options().added_at)
+            .zip(job.options().added_at())
             .map(|(started, added)| started.saturating_duration_since(added));
         let end = TaskEnd {
-            name: job.options().name,
+            name: job.options().name(),
             outcome: TaskOutcome::of(ending),
             queued,
             ran,
@@ -516,7 +522,7 @@ impl RequestQueue {
                 !job.wants_completion()
                     && !job
                         .options()
-                        .run_policy
+                        .run_policy()
                         .unwrap_or(default)
                         .allows(status, outcome)
             })
@@ -590,16 +596,17 @@ impl Parked for RequestQueue {
     fn resume(self: Arc<Self>) {
         let mut state = self.lock();
         let batch = state.take_all();
-        let budget_end = state.parked_budget_end.take();
+        let parked = state.parked.take().unwrap_or_default();
+        let budget_end = parked.budget_end;
         #[cfg(not(tower_background_loom))]
-        let runtime = state.parked_on.take();
+        let runtime = parked.runtime;
         #[cfg(tower_background_loom)]
         let runtime = None;
         drop(state);
         let completion = self.completion();
         let shared = Arc::clone(&self.shared);
         let mut runner = Runner::new(self, completion, batch, 1);
-        runner.budget_end = budget_end;
+        runner.set_budget_end(budget_end);
         if runner.reserve() {
             spawn_on(&shared, runtime, runner);
         }
@@ -653,14 +660,23 @@ pub(crate) struct Runner {
     permits: usize,
     /// Registered to be woken by the close: the key and the waker.
     wakeup: Option<(usize, Waker)>,
-    /// The current task's deadline, with a `task_timeout` or a
-    /// `request_time_budget`: allocated once per runner and reset for each
-    /// task.
-    deadline: Option<Pin<Box<Sleep>>>,
-    /// When the current task started, if task ends are observed.
-    started_at: Option<std::time::Instant>,
-    /// The end of the request's time budget, once its first task started.
-    budget_end: Option<Instant>,
+    /// What only some runners need, allocated at the first task that needs
+    /// it: with a `task_timeout`, a `request_time_budget`, or task ends
+    /// observed.
+    timing: Option<Pin<Box<Timing>>>,
+}
+
+pin_project_lite::pin_project! {
+    /// The side box of a [`Runner`] that measures or limits time.
+    struct Timing {
+        // The current task's deadline, reset for each task.
+        #[pin]
+        deadline: Option<Sleep>,
+        // When the current task started, if task ends are observed.
+        started_at: Option<std::time::Instant>,
+        // The end of the request's time budget, once its first task started.
+        budget_end: Option<Instant>,
+    }
 }
 
 impl Runner {
@@ -682,10 +698,36 @@ impl Runner {
             drains: true,
             permits,
             wakeup: None,
-            deadline: None,
-            started_at: None,
-            budget_end: None,
+            timing: None,
         }
+    }
+
+    fn timing(&mut self) -> Pin<&mut Timing> {
+        self.timing
+            .get_or_insert_with(|| {
+                Box::pin(Timing {
+                    deadline: None,
+                    started_at: None,
+                    budget_end: None,
+                })
+            })
+            .as_mut()
+    }
+
+    fn budget_end(&self) -> Option<Instant> {
+        self.timing.as_ref().and_then(|timing| timing.budget_end)
+    }
+
+    fn set_budget_end(&mut self, end: Option<Instant>) {
+        if end.is_some() {
+            *self.timing().project().budget_end = end;
+        }
+    }
+
+    fn take_started_at(&mut self) -> Option<std::time::Instant> {
+        self.timing
+            .as_mut()
+            .and_then(|timing| timing.as_mut().project().started_at.take())
     }
 
     /// Starts the next task, if there is one and the runner gets a permit
@@ -728,7 +770,7 @@ impl Runner {
         let mut job = job;
         self.queue.release_key(&mut *job);
         if observe::enabled(&self.queue.shared.config) {
-            self.started_at = Some(std::time::Instant::now());
+            *self.timing().project().started_at = Some(std::time::Instant::now());
         }
         if self.queue.shared.config.execution == Execution::Concurrent {
             self.hand_over_drain();
@@ -742,20 +784,22 @@ impl Runner {
             self.permits -= 1;
             self.start.permit = Some(Box::new(PermitGuard(Arc::clone(&self.queue.shared))));
         }
-        if shared.config.timeout.is_some() || shared.config.budget.is_some() {
+        let (timeout, budget) = (shared.config.timeout, shared.config.budget);
+        if timeout.is_some() || budget.is_some() {
             let now = Instant::now();
-            if let (Some(budget), None) = (shared.config.budget, self.budget_end) {
-                self.budget_end = Some(now + budget);
+            let mut timing = self.timing().project();
+            if let (Some(budget), None) = (budget, *timing.budget_end) {
+                *timing.budget_end = Some(now + budget);
             }
-            let at = match (shared.config.timeout, self.budget_end) {
+            let at = match (timeout, *timing.budget_end) {
                 (Some(timeout), Some(end)) => (now + timeout).min(end),
                 (Some(timeout), None) => now + timeout,
                 (None, Some(end)) => end,
                 (None, None) => unreachable!("checked above"),
             };
-            match &mut self.deadline {
-                Some(deadline) => deadline.as_mut().reset(at),
-                None => self.deadline = Some(Box::pin(tokio::time::sleep_until(at))),
+            match timing.deadline.as_mut().as_pin_mut() {
+                Some(deadline) => deadline.reset(at),
+                None => timing.deadline.set(Some(tokio::time::sleep_until(at))),
             }
         }
         self.current = Some(Box::into_pin(job));
@@ -801,13 +845,13 @@ impl Runner {
                     self.batch.concat(state.take_all());
                 }
                 Acquired::Parked => {
-                    state.parked_budget_end = self.budget_end;
-                    #[cfg(not(tower_background_loom))]
-                    {
-                        state.parked_on = Handle::try_current()
+                    state.parked = Some(Box::new(ParkedRun {
+                        #[cfg(not(tower_background_loom))]
+                        runtime: Handle::try_current()
                             .ok()
-                            .or_else(|| self.queue.shared.runtime.get().cloned());
-                    }
+                            .or_else(|| self.queue.shared.runtime.get().cloned()),
+                        budget_end: self.budget_end(),
+                    }));
                     self.drains = false;
                     return self.permits > 0;
                 }
@@ -818,7 +862,7 @@ impl Runner {
     /// Whether the request's time budget is spent: its tasks that have not
     /// started are then counted as timed out and never run.
     fn over_budget(&self) -> bool {
-        self.budget_end.is_some_and(|end| Instant::now() >= end)
+        self.budget_end().is_some_and(|end| Instant::now() >= end)
     }
 
     /// Concurrent execution: a new runner takes the request's other tasks
@@ -844,7 +888,7 @@ impl Runner {
         let completion = self.start.completion;
         let mut successor = Runner::new(Arc::clone(&self.queue), completion, rest, permits);
         successor.drains = std::mem::take(&mut self.drains);
-        successor.budget_end = self.budget_end;
+        successor.set_budget_end(self.budget_end());
         if successor.reserve() {
             spawn(&self.queue.shared, successor);
         }
@@ -872,9 +916,11 @@ impl Runner {
                 return Poll::Ready(Ending::Panicked(message));
             }
         }
-        if let Some(deadline) = &mut self.deadline {
-            if deadline.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Ending::TimedOut);
+        if let Some(timing) = &mut self.timing {
+            if let Some(deadline) = timing.as_mut().project().deadline.as_pin_mut() {
+                if deadline.poll(cx).is_ready() {
+                    return Poll::Ready(Ending::TimedOut);
+                }
             }
         }
         // Register once per runner (again only if the task moved to another
@@ -899,9 +945,9 @@ impl Runner {
         let Some(job) = self.current.take() else {
             return;
         };
+        let started_at = self.take_started_at();
         let shared = &*self.queue.shared;
         let counted = shared.registry.end(ending.bucket());
-        let started_at = self.started_at.take();
         if observe::enabled(&shared.config) {
             let seen = if counted { &ending } else { &Ending::Cancelled };
             self.queue.observe(&*job, seen, started_at);
@@ -947,6 +993,7 @@ impl Future for Runner {
 
 impl Drop for Runner {
     fn drop(&mut self) {
+        let started_at = self.take_started_at();
         let shared = &*self.queue.shared;
         if let Some((key, _)) = self.wakeup.take() {
             shared.registry.deregister(key);
@@ -959,8 +1006,7 @@ impl Drop for Runner {
                     tracing::warn!("background task cancelled: the tokio runtime went away")
                 });
             }
-            self.queue
-                .observe(&*job, &Ending::Cancelled, self.started_at.take());
+            self.queue.observe(&*job, &Ending::Cancelled, started_at);
             drop_guarded(job);
         }
         let mut left = self.batch.take();
@@ -1102,5 +1148,24 @@ fn spawn_now(shared: &Shared, runtime: Option<Handle>, runner: Runner) {
             // Dropping a runner counts its tasks as cancelled.
             drop(runner);
         }
+    }
+}
+
+#[cfg(all(test, not(tower_background_loom)))]
+mod tests {
+    use super::*;
+
+    /// A request with one task is one spawned future of a few words next to
+    /// the task's own allocation: what only some runners need is boxed apart.
+    #[test]
+    fn a_runner_and_a_plain_task_stay_small() {
+        let runner = std::mem::size_of::<Runner>();
+        let task =
+            std::mem::size_of::<crate::job::Task<crate::job::FutureWork<std::future::Ready<()>>>>();
+        let queue = std::mem::size_of::<RequestQueue>();
+        println!("runner {runner} B, task {task} B, request queue {queue} B");
+        assert!(runner <= 128, "the runner grew to {runner} bytes");
+        assert!(task <= 80, "a plain task grew to {task} bytes");
+        assert!(queue <= 112, "a request's queue grew to {queue} bytes");
     }
 }

@@ -250,7 +250,7 @@ impl TaskOptions<'_> {
             "TaskOptions::name: the name must not be empty; to add an unnamed task, \
              do not call name"
         );
-        self.options.name = Some(name);
+        self.options.set_name(name);
         self
     }
 
@@ -259,7 +259,7 @@ impl TaskOptions<'_> {
     /// [`add_with`](Self::add_with), whose task always runs once a response
     /// exists.
     pub fn run_policy(mut self, policy: RunPolicy) -> Self {
-        self.options.run_policy = Some(policy);
+        self.options.set_run_policy(policy);
         self
     }
 
@@ -300,7 +300,7 @@ impl TaskOptions<'_> {
             "TaskOptions::coalesce: the key must not be empty; to add a task that is \
              never merged, do not call coalesce"
         );
-        self.options.key = Some(key.into());
+        self.options.set_key(key.into());
         self
     }
 
@@ -311,7 +311,7 @@ impl TaskOptions<'_> {
         F::Output: TaskOutput,
     {
         let queue = &self.tasks.queue;
-        let span = queue.span(self.options.name);
+        let span = queue.span(self.options.name());
         let options = queue.stamp(self.options);
         queue.add(Task::boxed(span, options, FutureWork::new(task)));
     }
@@ -324,7 +324,7 @@ impl TaskOptions<'_> {
         R: TaskOutput,
     {
         let queue = &self.tasks.queue;
-        let span = queue.span(self.options.name);
+        let span = queue.span(self.options.name());
         let options = queue.stamp(self.options);
         queue.add(Task::boxed(span, options, BlockingWork::new(task)));
     }
@@ -338,13 +338,13 @@ impl TaskOptions<'_> {
         Fut::Output: TaskOutput,
     {
         assert!(
-            self.options.key.is_none(),
+            self.options.key().is_none(),
             "TaskOptions::coalesce: a task added with add_with sees its own response and \
              cannot be merged with another request's; use add or add_blocking, or do not \
              call coalesce"
         );
         let queue = &self.tasks.queue;
-        let span = queue.span(self.options.name);
+        let span = queue.span(self.options.name());
         let options = queue.stamp(self.options);
         queue.add(Task::boxed(span, options, WithCompletion::new(task)));
     }
@@ -353,9 +353,9 @@ impl TaskOptions<'_> {
 impl fmt::Debug for TaskOptions<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TaskOptions")
-            .field("name", &self.options.name)
-            .field("run_policy", &self.options.run_policy)
-            .field("coalesce", &self.options.key)
+            .field("name", &self.options.name())
+            .field("run_policy", &self.options.run_policy())
+            .field("coalesce", &self.options.key())
             .finish()
     }
 }
