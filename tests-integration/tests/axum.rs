@@ -28,7 +28,9 @@ use hyper_util::rt::TokioExecutor;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tower::{ServiceBuilder, ServiceExt};
-use tower_background::{BackgroundLayer, BackgroundTasks, Completion, MissingBackgroundLayer};
+use tower_background::{
+    BackgroundLayer, BackgroundTasks, Completion, MissingBackgroundLayer, RunPolicy,
+};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::compression::CompressionLayer;
 use tower_http::timeout::TimeoutLayer;
@@ -549,8 +551,11 @@ async fn a_timeout_outside_the_layer_that_fires_first_discards_the_tasks() {
     assert_eq!(ran.load(Ordering::SeqCst), 0, "a discarded task ran");
 }
 
+/// A `TimeoutLayer` inside the layer answers 408: a response, so the
+/// `add_with` task runs and sees the 408, while the plain tasks are skipped
+/// by the default run policy (a 4xx is not a success).
 #[tokio::test(start_paused = true)]
-async fn a_timeout_inside_the_layer_is_a_response_so_the_tasks_run_and_see_it() {
+async fn a_timeout_inside_the_layer_is_a_response_that_skips_plain_tasks_and_add_with_sees() {
     let layer = BackgroundLayer::new();
     let handle = layer.handle();
     let ran = Arc::new(AtomicUsize::new(0));
@@ -580,9 +585,13 @@ async fn a_timeout_inside_the_layer_is_a_response_so_the_tasks_run_and_see_it() 
         Some(StatusCode::REQUEST_TIMEOUT)
     );
     within("idle", handle.wait_idle()).await;
-    assert_eq!(ran.load(Ordering::SeqCst), 2);
+    assert_eq!(ran.load(Ordering::SeqCst), 0);
     let stats = handle.stats();
-    assert_eq!((stats.completed, stats.discarded), (3, 0), "{stats:?}");
+    assert_eq!(
+        (stats.completed, stats.skipped, stats.discarded),
+        (1, 2, 0),
+        "{stats:?}"
+    );
 }
 
 /// Panics: stands for a handler bug after it queued its tasks.
@@ -605,20 +614,29 @@ fn panicking_handler(ran: Arc<AtomicUsize>) -> Router {
     )
 }
 
+/// `CatchPanicLayer` inside the layer makes a 500 response: by default its
+/// plain task is skipped; with `RunPolicy::Always` it runs.
 #[tokio::test]
-async fn a_panic_caught_inside_the_layer_is_a_500_response_and_runs_the_tasks() {
-    let layer = BackgroundLayer::new();
-    let handle = layer.handle();
-    let ran = Arc::new(AtomicUsize::new(0));
-    let app = panicking_handler(ran.clone())
-        .layer(CatchPanicLayer::new())
-        .layer(layer);
+async fn a_panic_caught_inside_the_layer_is_a_500_response_whose_tasks_follow_the_run_policy() {
+    for (policy, ran_expected) in [(RunPolicy::OnSuccess, 0), (RunPolicy::Always, 1)] {
+        let layer = BackgroundLayer::new().run_policy(policy);
+        let handle = layer.handle();
+        let ran = Arc::new(AtomicUsize::new(0));
+        let app = panicking_handler(ran.clone())
+            .layer(CatchPanicLayer::new())
+            .layer(layer);
 
-    let (status, _, _) = oneshot(app, "POST", "/buggy").await;
-    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
-    within("idle", handle.wait_idle()).await;
-    assert_eq!(ran.load(Ordering::SeqCst), 1);
-    assert_eq!(handle.stats().completed, 1);
+        let (status, _, _) = oneshot(app, "POST", "/buggy").await;
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+        within("idle", handle.wait_idle()).await;
+        assert_eq!(ran.load(Ordering::SeqCst), ran_expected, "{policy:?}");
+        let stats = handle.stats();
+        assert_eq!(
+            (stats.completed, stats.skipped),
+            (ran_expected as u64, 1 - ran_expected as u64),
+            "{policy:?}: {stats:?}"
+        );
+    }
 }
 
 #[tokio::test]
