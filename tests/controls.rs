@@ -677,3 +677,102 @@ async fn an_empty_key_is_refused() {
     .await;
     drop(res);
 }
+
+/// Names, coalescing keys, the time budget and the hook over real sockets:
+/// an axum server, HTTP/1.1 requests on their own connections.
+#[tokio::test]
+async fn names_keys_budget_and_hook_over_real_sockets() {
+    use axum::routing::post;
+    use axum::{Extension, Router};
+    use std::time::Duration;
+
+    let ends: Arc<std::sync::Mutex<Vec<(Option<&'static str>, &'static str)>>> = Arc::default();
+    let e = ends.clone();
+    let layer = BackgroundLayer::new()
+        .max_concurrent_tasks(1)
+        .request_time_budget(Duration::from_secs(1))
+        .on_task_end(move |end| e.lock().unwrap().push((end.name, end.outcome.as_str())));
+    let handle = layer.handle();
+    let gate = Arc::new(Notify::new());
+    let g = gate.clone();
+    let app = Router::new()
+        .route(
+            "/block",
+            post(move |Extension(tasks): Extension<BackgroundTasks>| {
+                let g = g.clone();
+                async move {
+                    tasks
+                        .named("blocker")
+                        .add(async move { g.notified().await });
+                    StatusCode::ACCEPTED
+                }
+            }),
+        )
+        .route(
+            "/work",
+            post(|Extension(tasks): Extension<BackgroundTasks>| async move {
+                // Replaced by the next add of the same name.
+                tasks.named("email").add(async {});
+                tasks.named("email").add(async {});
+                // One pending refresh for the whole layer.
+                tasks.options().coalesce("refresh").add(async {});
+                // Over the request's budget: timed out.
+                tasks
+                    .named("slow")
+                    .add(tokio::time::sleep(Duration::from_secs(30)));
+                StatusCode::ACCEPTED
+            }),
+        )
+        .layer(layer);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    assert!(post_to(addr, "/block").await.starts_with("HTTP/1.1 202"));
+    within("the blocker", async {
+        while handle.stats().running == 0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    // Both wait for the permit; the second request's refresh merges into
+    // the first's.
+    assert!(post_to(addr, "/work").await.starts_with("HTTP/1.1 202"));
+    assert!(post_to(addr, "/work").await.starts_with("HTTP/1.1 202"));
+    gate.notify_one();
+    within("idle", handle.wait_idle()).await;
+    let s = handle.stats();
+    // The blocker and 2 x (email, email, refresh, slow): 2 emails replaced,
+    // 1 refresh merged, both slow tasks timed out.
+    assert_eq!(
+        (s.completed, s.timed_out, s.replaced, s.total()),
+        (4, 2, 3, 9),
+        "{s:?}"
+    );
+    let ends = ends.lock().unwrap().clone();
+    assert_eq!(ends.len(), 9, "the hook saw every task once: {ends:?}");
+    let count = |name: Option<&str>, outcome: &str| {
+        ends.iter()
+            .filter(|(n, o)| *n == name && *o == outcome)
+            .count()
+    };
+    assert_eq!(count(Some("email"), "replaced"), 2);
+    assert_eq!(count(Some("email"), "completed"), 2);
+    assert_eq!(count(None, "replaced"), 1, "the merged refresh");
+    assert_eq!(count(Some("slow"), "timed_out"), 2);
+    server.abort();
+}
+
+async fn post_to(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    within("response", stream.read_to_end(&mut buf))
+        .await
+        .unwrap();
+    String::from_utf8(buf).unwrap()
+}
