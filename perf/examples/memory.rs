@@ -28,7 +28,12 @@
 //! request (2,000 requests after 200 of warm-up, current-thread runtime,
 //! each request waiting for its tasks): the bare service, the layer with 0, 1
 //! and 10 tasks, and `tokio::spawn` of 1 and 10 tasks awaited through their
-//! `JoinHandle`s.
+//! `JoinHandle`s; then the layer with no task and with 1 task again, once
+//! with every limit set (`max_concurrent_tasks(1024)`,
+//! `max_pending_tasks(100_000)`, `max_tasks_per_request(100)`,
+//! `task_timeout(30 s)`, none of them reached) and once with an
+//! `on_task_end` hook, so that what the controls cost per request is
+//! measured in the same run as the layer without them.
 //!
 //! The `instructions` mode runs each of those cases under callgrind
 //! (`valgrind --tool=callgrind`, which must be installed) twice, with 1,000
@@ -178,8 +183,9 @@ fn main() {
         Some("instructions") => return instructions(),
         Some("one") => {
             // One case, for `instructions`: `one INDEX REQUESTS`.
-            let (_, layered, tasks) = CASES[args[1].parse::<usize>().expect("a case index")];
-            per_request(layered, tasks, args[2].parse().expect("a count"));
+            let (_, layered, tasks, controls) =
+                CASES[args[1].parse::<usize>().expect("a case index")];
+            per_request(layered, tasks, controls, args[2].parse().expect("a count"));
             return;
         }
         _ => {}
@@ -411,27 +417,66 @@ const WARM_UP: u64 = 200;
 const REQUESTS: u64 = 2_000;
 
 /// The cases of the `allocs` and `instructions` modes: name, behind the
-/// layer, tasks.
-const CASES: [(&str, bool, Tasks); 7] = [
-    ("bare", false, Tasks::None),
-    ("layer, no task", true, Tasks::None),
+/// layer, tasks, the layer's controls. The first seven are compared in the
+/// ratios printed by `instructions`; the last four measure the controls
+/// against the same cases without them, in the same run.
+const CASES: [(&str, bool, Tasks, Controls); 11] = [
+    ("bare", false, Tasks::None, Controls::None),
+    ("layer, no task", true, Tasks::None, Controls::None),
     (
         "layer, 1 task",
         true,
         Tasks::Layer(1, Execution::Sequential),
+        Controls::None,
     ),
-    ("tokio::spawn, 1 task", false, Tasks::Spawn(1)),
+    (
+        "tokio::spawn, 1 task",
+        false,
+        Tasks::Spawn(1),
+        Controls::None,
+    ),
     (
         "layer, 10 tasks (sequential)",
         true,
         Tasks::Layer(10, Execution::Sequential),
+        Controls::None,
     ),
     (
         "layer, 10 tasks (concurrent)",
         true,
         Tasks::Layer(10, Execution::Concurrent),
+        Controls::None,
     ),
-    ("tokio::spawn, 10 tasks", false, Tasks::Spawn(10)),
+    (
+        "tokio::spawn, 10 tasks",
+        false,
+        Tasks::Spawn(10),
+        Controls::None,
+    ),
+    (
+        "layer, no task, limits",
+        true,
+        Tasks::None,
+        Controls::Limits,
+    ),
+    (
+        "layer, 1 task, limits",
+        true,
+        Tasks::Layer(1, Execution::Sequential),
+        Controls::Limits,
+    ),
+    (
+        "layer, no task, on_task_end hook",
+        true,
+        Tasks::None,
+        Controls::Hook,
+    ),
+    (
+        "layer, 1 task, on_task_end hook",
+        true,
+        Tasks::Layer(1, Execution::Sequential),
+        Controls::Hook,
+    ),
 ];
 
 /// A handler that queues (or spawns) `tasks` trivial tasks.
@@ -440,6 +485,19 @@ enum Tasks {
     None,
     Layer(usize, Execution),
     Spawn(usize),
+}
+
+/// What the layer is configured with beyond its execution mode.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Controls {
+    /// `BackgroundLayer::new()`.
+    None,
+    /// Every limit set, none of them reached: `max_concurrent_tasks(1024)`,
+    /// `max_pending_tasks(100_000)`, `max_tasks_per_request(100)`,
+    /// `task_timeout(30 s)`.
+    Limits,
+    /// An `on_task_end` hook that counts the tasks it sees.
+    Hook,
 }
 
 fn allocs() {
@@ -451,8 +509,8 @@ fn allocs() {
     println!("| case | allocations/request | bytes allocated/request | beyond `bare` |");
     println!("|---|---|---|---|");
     let mut bare = (0.0, 0.0);
-    for (name, layered, tasks) in CASES {
-        let (n, bytes) = per_request(layered, tasks, REQUESTS);
+    for (name, layered, tasks, controls) in CASES {
+        let (n, bytes) = per_request(layered, tasks, controls, REQUESTS);
         if name == "bare" {
             bare = (n, bytes);
         }
@@ -465,7 +523,7 @@ fn allocs() {
 }
 
 /// Allocations and bytes per request of one case.
-fn per_request(layered: bool, tasks: Tasks, requests: u64) -> (f64, f64) {
+fn per_request(layered: bool, tasks: Tasks, controls: Controls, requests: u64) -> (f64, f64) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -476,7 +534,22 @@ fn per_request(layered: bool, tasks: Tasks, requests: u64) -> (f64, f64) {
             Tasks::Layer(_, execution) => execution,
             _ => Execution::Sequential,
         };
+        let ended = Arc::new(AtomicU64::new(0));
         let layer = BackgroundLayer::new().execution(execution);
+        let layer = match controls {
+            Controls::None => layer,
+            Controls::Limits => layer
+                .max_concurrent_tasks(1024)
+                .max_pending_tasks(100_000)
+                .max_tasks_per_request(100)
+                .task_timeout(Duration::from_secs(30)),
+            Controls::Hook => {
+                let ended = Arc::clone(&ended);
+                layer.on_task_end(move |_| {
+                    ended.fetch_add(1, Ordering::Relaxed);
+                })
+            }
+        };
         let handle = layer.handle();
         let joins: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> =
             Arc::new(Mutex::new(Vec::with_capacity(16)));
@@ -523,6 +596,13 @@ fn per_request(layered: bool, tasks: Tasks, requests: u64) -> (f64, f64) {
             (WARM_UP + requests) * per_task,
             "every task ran"
         );
+        if controls == Controls::Hook {
+            assert_eq!(
+                ended.load(Ordering::Relaxed),
+                (WARM_UP + requests) * per_task,
+                "the hook saw every task"
+            );
+        }
         (n, bytes)
     })
 }
@@ -606,7 +686,7 @@ fn instructions() {
     println!("| case | instructions/request | beyond `bare` |");
     println!("|---|---|---|");
     let mut per = Vec::new();
-    for (index, (name, _, _)) in CASES.iter().enumerate() {
+    for (index, (name, _, _, _)) in CASES.iter().enumerate() {
         let low = callgrind_total(index, 1_000);
         let high = callgrind_total(index, 3_000);
         let one = high.saturating_sub(low) as f64 / 2_000.0;
@@ -627,5 +707,19 @@ fn instructions() {
         per[2] - per[1],
         per[3] - per[0],
         (per[2] - per[1]) / (per[3] - per[0])
+    );
+    println!(
+        "controls, same run: layer no task with limits / without = {:.0} / {:.0} = {:.3}x; \
+         layer 1 task with limits / without = {:.0} / {:.0} = {:.3}x; \
+         layer 1 task with an on_task_end hook / without = {:.0} / {:.0} = {:.3}x",
+        per[7],
+        per[1],
+        per[7] / per[1],
+        per[8],
+        per[2],
+        per[8] / per[2],
+        per[10],
+        per[2],
+        per[10] / per[2]
     );
 }
