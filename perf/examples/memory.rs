@@ -32,8 +32,9 @@
 //! with every limit set (`max_concurrent_tasks(1024)`,
 //! `max_pending_tasks(100_000)`, `max_tasks_per_request(100)`,
 //! `task_timeout(30 s)`, none of them reached) and once with an
-//! `on_task_end` hook, so that what the controls cost per request is
-//! measured in the same run as the layer without them.
+//! `on_task_end` hook, and one task under the three count limits without
+//! the timeout, so that what the controls cost per request is measured in
+//! the same run as the layer without them.
 //!
 //! The `instructions` mode runs each of those cases under callgrind
 //! (`valgrind --tool=callgrind`, which must be installed) twice, with 1,000
@@ -420,7 +421,7 @@ const REQUESTS: u64 = 2_000;
 /// layer, tasks, the layer's controls. The first seven are compared in the
 /// ratios printed by `instructions`; the last four measure the controls
 /// against the same cases without them, in the same run.
-const CASES: [(&str, bool, Tasks, Controls); 11] = [
+const CASES: [(&str, bool, Tasks, Controls); 12] = [
     ("bare", false, Tasks::None, Controls::None),
     ("layer, no task", true, Tasks::None, Controls::None),
     (
@@ -477,6 +478,12 @@ const CASES: [(&str, bool, Tasks, Controls); 11] = [
         Tasks::Layer(1, Execution::Sequential),
         Controls::Hook,
     ),
+    (
+        "layer, 1 task, limits without task_timeout",
+        true,
+        Tasks::Layer(1, Execution::Sequential),
+        Controls::Counts,
+    ),
 ];
 
 /// A handler that queues (or spawns) `tasks` trivial tasks.
@@ -498,6 +505,9 @@ enum Controls {
     Limits,
     /// An `on_task_end` hook that counts the tasks it sees.
     Hook,
+    /// The three limits on task counts of `Limits`, without its
+    /// `task_timeout`.
+    Counts,
 }
 
 fn allocs() {
@@ -543,6 +553,10 @@ fn per_request(layered: bool, tasks: Tasks, controls: Controls, requests: u64) -
                 .max_pending_tasks(100_000)
                 .max_tasks_per_request(100)
                 .task_timeout(Duration::from_secs(30)),
+            Controls::Counts => layer
+                .max_concurrent_tasks(1024)
+                .max_pending_tasks(100_000)
+                .max_tasks_per_request(100),
             Controls::Hook => {
                 let ended = Arc::clone(&ended);
                 layer.on_task_end(move |_| {
@@ -711,7 +725,8 @@ fn instructions() {
     println!(
         "controls, same run: layer no task with limits / without = {:.0} / {:.0} = {:.3}x; \
          layer 1 task with limits / without = {:.0} / {:.0} = {:.3}x; \
-         layer 1 task with an on_task_end hook / without = {:.0} / {:.0} = {:.3}x",
+         layer 1 task with an on_task_end hook / without = {:.0} / {:.0} = {:.3}x; \
+         layer 1 task with the limits but no task_timeout / without = {:.0} / {:.0} = {:.3}x",
         per[7],
         per[1],
         per[7] / per[1],
@@ -720,6 +735,9 @@ fn instructions() {
         per[8] / per[2],
         per[10],
         per[2],
-        per[10] / per[2]
+        per[10] / per[2],
+        per[11],
+        per[2],
+        per[11] / per[2]
     );
 }
