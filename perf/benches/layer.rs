@@ -8,6 +8,10 @@
 //! `BackgroundHandle::wait_idle` for the layer, through the `JoinHandle`s for
 //! `tokio::spawn`, so both sides do the same work.
 //!
+//! `layer/1_task_limits` is `layer/1_task` with `max_concurrent_tasks(1024)`,
+//! `max_pending_tasks(100_000)`, `max_tasks_per_request(100)` and
+//! `task_timeout(30 s)` set, none of them reached.
+//!
 //! Run with `cargo bench -p perf --bench layer` (about one minute); see
 //! docs/PERFORMANCE.md for the figures.
 
@@ -156,9 +160,31 @@ async fn join_all(handles: &Handles) {
 }
 
 fn bench_layer(c: &mut Criterion, name: &str, execution: Execution, tasks: usize, frames: u32) {
+    let layer = BackgroundLayer::new().execution(execution);
+    bench_layer_with(c, name, layer, tasks, frames);
+}
+
+/// The same as `bench_layer` with every limit set, none of them reached:
+/// what the production controls cost per request, next to the case without
+/// them in the same run.
+fn bench_layer_limits(c: &mut Criterion, name: &str, tasks: usize) {
+    let layer = BackgroundLayer::new()
+        .max_concurrent_tasks(1024)
+        .max_pending_tasks(100_000)
+        .max_tasks_per_request(100)
+        .task_timeout(Duration::from_secs(30));
+    bench_layer_with(c, name, layer, tasks, 1);
+}
+
+fn bench_layer_with(
+    c: &mut Criterion,
+    name: &str,
+    layer: BackgroundLayer,
+    tasks: usize,
+    frames: u32,
+) {
     let rt = runtime();
     let ran = Arc::new(AtomicU64::new(0));
-    let layer = BackgroundLayer::new().execution(execution);
     let handle: BackgroundHandle = layer.handle();
     let mut svc = layer.layer(handler_layer(tasks, frames, Arc::clone(&ran)));
     let mut requests = 0u64;
@@ -222,6 +248,7 @@ fn benches(c: &mut Criterion) {
 
     bench_spawn(c, "spawn/1_task", 1);
     bench_layer(c, "layer/1_task", Execution::Sequential, 1, 1);
+    bench_layer_limits(c, "layer/1_task_limits", 1);
 
     bench_spawn(c, "spawn/10_tasks", 10);
     bench_layer(c, "layer/10_tasks_sequential", Execution::Sequential, 10, 1);
