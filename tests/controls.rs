@@ -686,7 +686,8 @@ async fn names_keys_budget_and_hook_over_real_sockets() {
     use axum::{Extension, Router};
     use std::time::Duration;
 
-    let ends: Arc<std::sync::Mutex<Vec<(Option<&'static str>, &'static str)>>> = Arc::default();
+    type Ends = Vec<(Option<&'static str>, &'static str)>;
+    let ends: Arc<std::sync::Mutex<Ends>> = Arc::default();
     let e = ends.clone();
     let layer = BackgroundLayer::new()
         .max_concurrent_tasks(1)
