@@ -10,7 +10,8 @@
 //!
 //! `layer/1_task_limits` is `layer/1_task` with `max_concurrent_tasks(1024)`,
 //! `max_pending_tasks(100_000)`, `max_tasks_per_request(100)` and
-//! `task_timeout(30 s)` set, none of them reached.
+//! `task_timeout(30 s)` set, none of them reached;
+//! `layer/1_task_count_limits` the same without `task_timeout`.
 //!
 //! Run with `cargo bench -p perf --bench layer` (about one minute); see
 //! docs/PERFORMANCE.md for the figures.
@@ -167,12 +168,17 @@ fn bench_layer(c: &mut Criterion, name: &str, execution: Execution, tasks: usize
 /// The same as `bench_layer` with every limit set, none of them reached:
 /// what the production controls cost per request, next to the case without
 /// them in the same run.
-fn bench_layer_limits(c: &mut Criterion, name: &str, tasks: usize) {
+/// With `timeout` false, the three count limits only.
+fn bench_layer_limits(c: &mut Criterion, name: &str, tasks: usize, timeout: bool) {
     let layer = BackgroundLayer::new()
         .max_concurrent_tasks(1024)
         .max_pending_tasks(100_000)
-        .max_tasks_per_request(100)
-        .task_timeout(Duration::from_secs(30));
+        .max_tasks_per_request(100);
+    let layer = if timeout {
+        layer.task_timeout(Duration::from_secs(30))
+    } else {
+        layer
+    };
     bench_layer_with(c, name, layer, tasks, 1);
 }
 
@@ -248,7 +254,8 @@ fn benches(c: &mut Criterion) {
 
     bench_spawn(c, "spawn/1_task", 1);
     bench_layer(c, "layer/1_task", Execution::Sequential, 1, 1);
-    bench_layer_limits(c, "layer/1_task_limits", 1);
+    bench_layer_limits(c, "layer/1_task_limits", 1, true);
+    bench_layer_limits(c, "layer/1_task_count_limits", 1, false);
 
     bench_spawn(c, "spawn/10_tasks", 10);
     bench_layer(c, "layer/10_tasks_sequential", Execution::Sequential, 10, 1);
