@@ -23,6 +23,7 @@
 //! | `layer_no_task` | nothing else, behind `BackgroundLayer` |
 //! | `layer_1_task` | queues one task that increments an `AtomicU64` |
 //! | `spawn_1_task` | `tokio::spawn`s the same task; no layer |
+//! | `layer_no_task_limits`, `layer_1_task_limits` | `layer_no_task` and `layer_1_task` with `max_concurrent_tasks(1024)`, `max_pending_tasks(100_000)`, `max_tasks_per_request(100)` and `task_timeout(30 s)` set, none of them reached |
 //! | `layer_1_task_delay` | like `layer_1_task`, and records the time from the end of the response body to the task's first poll |
 //! | `layer_sleep_task`, `spawn_sleep_task` | the task sleeps 100 ms, then increments (the `sleep` mode; `layer_sleep` and `spawn_sleep` are the same variants under their former names) |
 //!
@@ -237,6 +238,8 @@ fn variant(name: &str) -> (&'static str, Placement) {
         "bare" => ("hello", Placement::None),
         "layer_no_task" => ("hello", Placement::Route),
         "layer_1_task" => ("task", Placement::Route),
+        "layer_no_task_limits" => ("hello", Placement::Route),
+        "layer_1_task_limits" => ("task", Placement::Route),
         "spawn_1_task" => ("spawn", Placement::None),
         "floor_no_task" => ("hello", Placement::Floor),
         "layer_1_task_delay" => ("delay", Placement::Route),
@@ -386,6 +389,16 @@ fn serve(variant: &str) {
         println!("{port}");
         std::io::stdout().flush().expect("stdout");
         let layer = BackgroundLayer::new();
+        // The `_limits` variants: every limit set, none of them reached.
+        let layer = if variant.ends_with("_limits") {
+            layer
+                .max_concurrent_tasks(1024)
+                .max_pending_tasks(100_000)
+                .max_tasks_per_request(100)
+                .task_timeout(Duration::from_secs(30))
+        } else {
+            layer
+        };
         axum::serve(listener, app(variant, &layer))
             .await
             .expect("serve");
