@@ -216,6 +216,9 @@ struct ParkedRun {
 impl QueueState {
     /// Every task not taken by a runner, oldest first.
     fn take_all(&mut self) -> TaskList {
+        if self.ready.is_empty() {
+            return self.waiting.take().reversed();
+        }
         let mut all = self.ready.take();
         if !self.waiting.is_empty() {
             all.concat(self.waiting.take().reversed());
@@ -349,9 +352,10 @@ impl RequestQueue {
         }
         observe::added(registry);
         state.added += 1;
-        state.own_policies |= job.options().run_policy().is_some();
-        state.has_keys |= job.options().key().is_some();
-        let replaced = match job.options().name() {
+        let options = job.options();
+        state.own_policies |= options.run_policy().is_some();
+        state.has_keys |= options.key().is_some();
+        let replaced = match options.name() {
             Some(name) => state
                 .waiting
                 .remove_where(|old| old.options().name() == Some(name)),
@@ -363,7 +367,8 @@ impl RequestQueue {
             Phase::Started(completion) => self.dispatch(state, completion),
             _ => drop(state),
         }
-        if self.forget(replaced, Ending::Replaced) > 0 {
+        if !replaced.is_empty() {
+            self.forget(replaced, Ending::Replaced);
             tracing::debug!("background task replaced by a newer task of the same name");
         }
     }
@@ -1021,7 +1026,11 @@ impl Drop for Runner {
         } else {
             Ending::Cancelled
         };
-        let n = self.queue.forget(left, ending);
+        let n = if left.is_empty() {
+            0
+        } else {
+            self.queue.forget(left, ending)
+        };
         if n > 0 && !closed {
             if over_budget {
                 tracing::warn!(
