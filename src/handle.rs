@@ -10,11 +10,22 @@ use crate::Stats;
 
 /// What [`BackgroundHandle::shutdown`] did.
 ///
-/// Both fields count what changed between the call's start and its return:
-/// a later call reports `0` for work it found already settled. Concurrent
+/// The counts say what changed between the call's start and its return: a
+/// later call reports `0` for work it found already settled. Concurrent
 /// calls each report their own interval; when they overlap the close they
 /// report the same figures, unless a task ended between their starts.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use std::time::Duration;
+/// # let handle = tower_background::BackgroundLayer::new().handle();
+/// let report = handle.shutdown(Duration::from_secs(10)).await;
+/// for (name, n) in &report.cancelled_by_name {
+///     eprintln!("shutdown cancelled {n} x {name}"); // e.g. "2 x send-invoice"
+/// }
+/// # }
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub struct ShutdownReport {
@@ -23,6 +34,13 @@ pub struct ShutdownReport {
     /// Tasks that were cancelled: still running or pending when the grace
     /// period ended, or added or triggered after the layer was closed.
     pub cancelled: u64,
+    /// Of those, the [named](crate::TaskOptions::name) ones, per name, in the
+    /// order their names were first cancelled. It lists the tasks dropped by
+    /// the time `shutdown` returned: after the close it waits up to 100 ms
+    /// (within a non-zero grace) for the cancelled tasks to be dropped; a
+    /// task still held then (a response body that is still streaming) is
+    /// counted in `cancelled` but not listed here.
+    pub cancelled_by_name: Vec<(&'static str, u64)>,
 }
 
 /// A handle on a layer's tasks: counts, waiting, shutdown.
@@ -161,11 +179,33 @@ impl BackgroundHandle {
                     .await
                     .is_ok()
             };
+            let names_before = registry.cancelled_names();
             registry.close();
+            if !grace.is_zero() {
+                // Running tasks are dropped at their next poll: give them a
+                // moment, so that the report can name them.
+                let _ = tokio::time::timeout(
+                    grace.min(Duration::from_millis(100)),
+                    registry.wait_dropped(),
+                )
+                .await;
+            }
             let after = registry.stats();
+            let cancelled_by_name = registry
+                .cancelled_names()
+                .into_iter()
+                .filter_map(|(name, n)| {
+                    let before = names_before
+                        .iter()
+                        .find(|(b, _)| *b == name)
+                        .map_or(0, |(_, b)| *b);
+                    (n > before).then_some((name, n - before))
+                })
+                .collect();
             let report = ShutdownReport {
                 completed: after.completed - before.completed,
                 cancelled: after.cancelled - before.cancelled,
+                cancelled_by_name,
             };
             if report.cancelled > 0 {
                 tracing::warn!(

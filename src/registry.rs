@@ -187,6 +187,9 @@ pub(crate) struct Registry {
     wakers: Mutex<Wakers>,
     /// The coalescing keys of the pending tasks that hold one.
     keys: Mutex<HashSet<Arc<str>>>,
+    /// Named tasks cancelled so far, per name (only named tasks that are
+    /// cancelled touch it: the shutdown report lists them).
+    cancelled_names: Mutex<Vec<(&'static str, u64)>>,
     /// A key was ever claimed: only then do ends look for keys to release.
     keyed: AtomicBool,
 }
@@ -215,6 +218,7 @@ impl Default for Registry {
             idle: Notify::new(),
             wakers: Mutex::new(Wakers::default()),
             keys: Mutex::new(HashSet::new()),
+            cancelled_names: Mutex::new(Vec::new()),
             keyed: AtomicBool::new(false),
         }
     }
@@ -429,6 +433,40 @@ impl Registry {
     pub(crate) fn release_key(&self, key: &str) {
         let mut keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
         keys.remove(key);
+    }
+
+    /// Notes that a task named `name` was cancelled.
+    pub(crate) fn note_cancelled(&self, name: &'static str) {
+        let mut names = self
+            .cancelled_names
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match names.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, count)) => *count += 1,
+            None => names.push((name, 1)),
+        }
+    }
+
+    /// The named tasks cancelled so far, per name.
+    pub(crate) fn cancelled_names(&self) -> Vec<(&'static str, u64)> {
+        self.cancelled_names
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Resolves once every task counted by the close has been dropped (its
+    /// runner polled it, its response body let go).
+    pub(crate) async fn wait_dropped(&self) {
+        let _waiter = IdleWaiter::new(self);
+        loop {
+            let mut notified = pin!(self.idle.notified());
+            notified.as_mut().enable();
+            if self.state.fetch_add(0, SeqCst) < ONE_TASK {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Whether any task ever claimed a key.

@@ -346,6 +346,7 @@ impl RequestQueue {
             drop(state);
             job.span()
                 .in_scope(|| tracing::warn!("background task added after shutdown; cancelling it"));
+            self.note_cancelled(&*job);
             self.observe(&*job, &Ending::Cancelled, None);
             drop_guarded(job);
             return;
@@ -465,9 +466,13 @@ impl RequestQueue {
                 .shared
                 .registry
                 .end_unstarted(n as u64, ending.bucket());
-            if observe::enabled(&self.shared.config) {
-                let ending = if counted { ending } else { Ending::Cancelled };
+            let ending = if counted { ending } else { Ending::Cancelled };
+            let cancelled = matches!(ending, Ending::Cancelled);
+            if cancelled || observe::enabled(&self.shared.config) {
                 while let Some(job) = tasks.pop() {
+                    if cancelled {
+                        self.note_cancelled(&*job);
+                    }
                     self.observe(&*job, &ending, None);
                     drop_guarded(job);
                 }
@@ -484,6 +489,13 @@ impl RequestQueue {
             options.set_added_at(std::time::Instant::now());
         }
         options
+    }
+
+    /// Notes a cancelled task's name for the shutdown report.
+    fn note_cancelled(&self, job: &dyn Job) {
+        if let Some(name) = job.options().name() {
+            self.shared.registry.note_cancelled(name);
+        }
     }
 
     /// Hands a task's end to the `on_task_end` hook and the metrics.
@@ -768,6 +780,7 @@ impl Runner {
         if !self.queue.shared.registry.start() {
             // Closed since the check above: the close counted it.
             self.queue.shared.registry.leave(1);
+            self.queue.note_cancelled(&*job);
             self.queue.observe(&*job, &Ending::Cancelled, None);
             drop_guarded(job);
             return false;
@@ -953,6 +966,9 @@ impl Runner {
         let started_at = self.take_started_at();
         let shared = &*self.queue.shared;
         let counted = shared.registry.end(ending.bucket());
+        if !counted || matches!(ending, Ending::Cancelled) {
+            self.queue.note_cancelled(&*job);
+        }
         if observe::enabled(&shared.config) {
             let seen = if counted { &ending } else { &Ending::Cancelled };
             self.queue.observe(&*job, seen, started_at);
@@ -1011,6 +1027,7 @@ impl Drop for Runner {
                     tracing::warn!("background task cancelled: the tokio runtime went away")
                 });
             }
+            self.queue.note_cancelled(&*job);
             self.queue.observe(&*job, &Ending::Cancelled, started_at);
             drop_guarded(job);
         }

@@ -777,3 +777,33 @@ async fn post_to(addr: std::net::SocketAddr, path: &str) -> String {
         .unwrap();
     String::from_utf8(buf).unwrap()
 }
+
+// ---------------------------------------------------------------------------
+// The shutdown report by name
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn the_shutdown_report_names_the_cancelled_tasks() {
+    use std::time::Duration;
+    let layer = BackgroundLayer::new();
+    let handle = layer.handle();
+    let (started_tx, started_rx) = oneshot::channel();
+    after_paused(&layer, move |t| {
+        t.named("send-invoice").add(async move {
+            let _ = started_tx.send(());
+            std::future::pending::<()>().await
+        });
+        t.named("audit").add(async {}); // pending behind it
+        t.add(async {}); // unnamed
+    })
+    .await;
+    within("the first task", started_rx).await.unwrap();
+    let report = within("shutdown", handle.shutdown(Duration::from_millis(50))).await;
+    assert_eq!(report.cancelled, 3, "{report:?}");
+    let mut by_name = report.cancelled_by_name.clone();
+    by_name.sort();
+    assert_eq!(by_name, [("audit", 1), ("send-invoice", 1)], "{report:?}");
+    // A later call reports nothing new.
+    let again = within("again", handle.shutdown(Duration::from_millis(50))).await;
+    assert!(again.cancelled_by_name.is_empty(), "{again:?}");
+}

@@ -64,7 +64,10 @@ async fn stats_and_the_shutdown_report_serialize_with_every_field() {
     }
     let report = layer.handle().shutdown(Duration::ZERO).await;
     let json = serde_json::to_value(report).unwrap();
-    assert_eq!(json, serde_json::json!({"completed": 0, "cancelled": 0}));
+    assert_eq!(
+        json,
+        serde_json::json!({"completed": 0, "cancelled": 0, "cancelled_by_name": []})
+    );
 }
 
 #[test]

@@ -1370,7 +1370,7 @@ fn check(s: &Scenario, m: &Model, o: &Observed) -> Result<(), TestCaseError> {
             }
         }
     }
-    if let Some(report) = o.report {
+    if let Some(report) = &o.report {
         prop_assert_eq!(
             report.cancelled,
             st.cancelled - late_after_shutdown,
@@ -1934,7 +1934,7 @@ fn check_load(l: &Load, o: &LoadObserved) -> Result<(), TestCaseError> {
         }
         prop_assert!(st.discarded <= want[3], "discarded beyond the model");
         prop_assert!(st.skipped <= want[4], "skipped beyond the model");
-        let report = o.report.expect("the shutdown reported");
+        let report = o.report.as_ref().expect("the shutdown reported");
         prop_assert!(report.cancelled <= st.cancelled);
         prop_assert!(report.completed <= st.completed);
     }
