@@ -643,6 +643,9 @@ impl Drop for RequestQueue {
         // Only reachable with tasks left if a runtime dropped a runner before
         // it took them: count them, never lose them silently.
         let state = self.state.get_mut().unwrap_or_else(PoisonError::into_inner);
+        if state.is_empty() {
+            return; // the common case
+        }
         let waiting = state.take_all();
         self.forget(waiting, Ending::Cancelled);
     }
@@ -1014,6 +1017,14 @@ impl Future for Runner {
 
 impl Drop for Runner {
     fn drop(&mut self) {
+        if self.current.is_none()
+            && self.batch.is_empty()
+            && !self.drains
+            && self.permits == 0
+            && self.wakeup.is_none()
+        {
+            return; // done, and never waited: the common case
+        }
         let started_at = self.take_started_at();
         let shared = &*self.queue.shared;
         if let Some((key, _)) = self.wakeup.take() {
