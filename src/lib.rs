@@ -125,7 +125,7 @@
 //! | [`request_time_budget`](BackgroundLayer::request_time_budget) | how long one request's tasks may take in all |
 //!
 //! Tasks can be [named](TaskOptions::name): the name is a field of their
-//! span, a named task replaces the request's pending task of the same name,
+//! span, a named task replaces the request's waiting task of the same name,
 //! and [`BackgroundTasks::forget`] takes one back. A
 //! [coalescing key](TaskOptions::coalesce) keeps at most one pending task per
 //! key across the whole layer.
@@ -168,8 +168,8 @@
 //! shared state: no lock, no spawn. Each task costs one allocation and a few
 //! atomic counter updates (there is no layer-wide lock), and each request
 //! that has tasks one spawned future that runs them (one per task with
-//! [`Execution::Concurrent`]). A task that awaits registers once per request
-//! for the shutdown wakeup. [`task_timeout`](BackgroundLayer::task_timeout)
+//! [`Execution::Concurrent`]). A task that awaits registers once per runner
+//! (once per request with [`Execution::Sequential`]) for the shutdown wakeup. [`task_timeout`](BackgroundLayer::task_timeout)
 //! adds one timer allocation per request with tasks, and INFO tracing one
 //! allocation per request for its method and path. A request waiting for a
 //! permit of [`max_concurrent_tasks`](BackgroundLayer::max_concurrent_tasks)

@@ -157,9 +157,11 @@ impl BackgroundTasks {
     /// Options for the next task, starting with its name: the same as
     /// `options().name(name)`.
     ///
-    /// A task added with a name replaces the request's pending task of the
-    /// same name (the last one wins), and [`forget`](Self::forget) takes it
-    /// back.
+    /// A task added with a name replaces the request's task of the same
+    /// name that is still waiting in the request (the last one wins), and
+    /// [`forget`](Self::forget) takes such a task back. A task already handed
+    /// to the request's runner (its response has ended and the runner took
+    /// it) is neither replaced nor taken back: it runs.
     ///
     /// ```
     /// # use tower_background::BackgroundTasks;
@@ -239,7 +241,8 @@ pub struct TaskOptions<'a> {
 impl TaskOptions<'_> {
     /// Names the task. The name is a field (`task`) of its `background_task`
     /// span, so it appears in its failure, timeout and cancellation logs, and
-    /// a named task replaces the request's pending task of the same name.
+    /// a named task replaces the request's task of the same name that is
+    /// still waiting in the request (see [`BackgroundTasks::named`]).
     ///
     /// # Panics
     ///
