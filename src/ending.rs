@@ -131,6 +131,12 @@ pub struct TaskEnd<'a> {
     pub method: Option<&'a Method>,
     /// The path of its request (never the query).
     pub path: Option<&'a str>,
+    /// The route its request matched, as axum's
+    /// [`MatchedPath`](https://docs.rs/axum/0.8/axum/extract/struct.MatchedPath.html)
+    /// gives it (`/users/{id}`): with the `axum` feature, where the layer is
+    /// added with `Router::layer` or `route_layer` (a layer around the whole
+    /// router sees the request before it is routed). `None` otherwise.
+    pub route: Option<&'a str>,
 }
 
 /// The hook of `on_task_end`.

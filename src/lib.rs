@@ -180,9 +180,9 @@
 //!
 //! | feature | default | what |
 //! |---|---|---|
-//! | `axum` | off | [`BackgroundTasks`] is an axum extractor (depends on `axum-core` only) |
+//! | `axum` | off | [`BackgroundTasks`] is an axum extractor, and axum's `MatchedPath` is a task's [`route`](TaskEnd::route) (depends on `axum-core` and on `axum` without its default features) |
 //! | `serde` | off | `Serialize` for [`Stats`] and [`ShutdownReport`], so a `/stats` route is one line |
-//! | `metrics` | off | through the [`metrics`](https://docs.rs/metrics) facade: the counter `background_tasks_ended_total` (labels `outcome`, the [`Stats`] field, and `task`, the name where set), the gauges `background_tasks_pending` and `background_tasks_running`, the histograms `background_task_queued_seconds` (added to started) and `background_task_run_seconds` (label `task`). No route label: the raw path is unbounded |
+//! | `metrics` | off | through the [`metrics`](https://docs.rs/metrics) facade: the counter `background_tasks_ended_total` (label `outcome`, the [`Stats`] field), the gauges `background_tasks_pending` and `background_tasks_running`, the histograms `background_task_queued_seconds` (added to started) and `background_task_run_seconds`. The counter and the histograms also have the label `task` where the task has a name, and `route` where the request matched an axum route (with the `axum` feature, the layer added with `Router::layer`): the template, never the raw path, which is unbounded |
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![forbid(unsafe_code)]

@@ -46,30 +46,26 @@ pub(crate) fn added(registry: &Registry) {
 
 #[cfg(feature = "metrics")]
 fn record(registry: &Registry, end: &TaskEnd<'_>) {
-    let outcome = end.outcome.as_str();
-    match end.name {
-        Some(task) => {
-            metrics::counter!("background_tasks_ended_total", "outcome" => outcome, "task" => task)
-                .increment(1);
-            if let Some(queued) = end.queued {
-                metrics::histogram!("background_task_queued_seconds", "task" => task)
-                    .record(queued.as_secs_f64());
-            }
-            if let Some(ran) = end.ran {
-                metrics::histogram!("background_task_run_seconds", "task" => task)
-                    .record(ran.as_secs_f64());
-            }
-        }
-        None => {
-            metrics::counter!("background_tasks_ended_total", "outcome" => outcome).increment(1);
-            if let Some(queued) = end.queued {
-                metrics::histogram!("background_task_queued_seconds").record(queued.as_secs_f64());
-            }
-            if let Some(ran) = end.ran {
-                metrics::histogram!("background_task_run_seconds").record(ran.as_secs_f64());
-            }
-        }
+    use metrics::Label;
+    // `task` and `route` only where they are set: both are bounded (a static
+    // name, a route template), never the raw path.
+    let mut labels = Vec::with_capacity(3);
+    if let Some(task) = end.name {
+        labels.push(Label::new("task", task));
     }
+    if let Some(route) = end.route {
+        labels.push(Label::new("route", route.to_owned()));
+    }
+    if let Some(queued) = end.queued {
+        metrics::histogram!("background_task_queued_seconds", labels.clone())
+            .record(queued.as_secs_f64());
+    }
+    if let Some(ran) = end.ran {
+        metrics::histogram!("background_task_run_seconds", labels.clone())
+            .record(ran.as_secs_f64());
+    }
+    labels.insert(0, Label::new("outcome", end.outcome.as_str()));
+    metrics::counter!("background_tasks_ended_total", labels).increment(1);
     gauges(registry);
 }
 

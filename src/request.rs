@@ -161,11 +161,24 @@ impl NoResponse {
     }
 }
 
-/// The request's method and path, recorded on its tasks' spans. Boxed, and
-/// only when INFO spans are enabled as the request arrives.
+/// The request's method and path, recorded on its tasks' spans and given to
+/// the hook, and its route for the hook and the metrics. Boxed, and only when
+/// one of them will read it.
 struct RequestInfo {
     method: Method,
     uri: Uri,
+    /// axum's route template (`/users/{id}`): bounded, unlike the path.
+    #[cfg(feature = "axum")]
+    route: Option<axum::extract::MatchedPath>,
+}
+
+impl RequestInfo {
+    fn route(&self) -> Option<&str> {
+        #[cfg(feature = "axum")]
+        return self.route.as_ref().map(axum::extract::MatchedPath::as_str);
+        #[cfg(not(feature = "axum"))]
+        None
+    }
 }
 
 /// The shared state of one request's tasks.
@@ -233,13 +246,23 @@ impl QueueState {
 
 impl RequestQueue {
     pub(crate) fn new<B>(shared: Arc<Shared>, req: &http::Request<B>) -> Self {
-        // The hook sees the method and path; the metrics never label the raw path.
-        let wanted =
-            tracing::level_enabled!(tracing::Level::INFO) || shared.config.on_task_end.is_some();
+        // The hook sees the method, path and route; the metrics label the
+        // route only, never the raw path (unbounded).
+        #[cfg(feature = "axum")]
+        let route = req.extensions().get::<axum::extract::MatchedPath>();
+        #[cfg(feature = "axum")]
+        let labelled = cfg!(feature = "metrics") && route.is_some();
+        #[cfg(not(feature = "axum"))]
+        let labelled = false;
+        let wanted = labelled
+            || tracing::level_enabled!(tracing::Level::INFO)
+            || shared.config.on_task_end.is_some();
         let request = wanted.then(|| {
             Box::new(RequestInfo {
                 method: req.method().clone(),
                 uri: req.uri().clone(),
+                #[cfg(feature = "axum")]
+                route: route.cloned(),
             })
         });
         Self {
@@ -515,6 +538,7 @@ impl RequestQueue {
             ran,
             method: self.request.as_ref().map(|r| &r.method),
             path: self.request.as_ref().map(|r| r.uri.path()),
+            route: self.request.as_ref().and_then(|r| r.route()),
         };
         observe::emit(config, &self.shared.registry, &end);
     }

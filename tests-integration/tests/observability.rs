@@ -132,3 +132,114 @@ fn the_metrics_feature_counts_every_ending_with_the_task_name() {
         other => panic!("no pending gauge: {other:?}"),
     }
 }
+
+/// With the `axum` feature, a task's end carries the route its request
+/// matched: the template, never the path, as the `route` of the hook's
+/// `TaskEnd` and as the `route` label of the metrics. A layer around the
+/// whole router sees the request before routing, so it has no route.
+#[test]
+fn the_route_label_is_the_matched_template_never_the_raw_path() {
+    use axum::routing::post;
+    use axum::Router;
+    use std::sync::{Arc, Mutex};
+
+    async fn register(tasks: BackgroundTasks) -> StatusCode {
+        tasks.named("email").add(async {});
+        tasks.add(async {});
+        StatusCode::ACCEPTED
+    }
+
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let routes = Arc::new(Mutex::new(Vec::new()));
+    metrics::with_local_recorder(&recorder, || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let seen = Arc::clone(&routes);
+            let inside = BackgroundLayer::new().on_task_end(move |end| {
+                seen.lock()
+                    .unwrap()
+                    .push((end.route.map(str::to_owned), end.path.map(str::to_owned)));
+            });
+            let outside = BackgroundLayer::new();
+            let app = Router::new()
+                .route("/users/{id}", post(register))
+                .layer(inside.clone());
+            // The same router, wrapped from outside: its request is not routed yet.
+            let wrapped = outside.layer(Router::new().route("/users/{id}", post(register)));
+            for id in ["7", "8"] {
+                let req = || {
+                    Request::post(format!("/users/{id}"))
+                        .body(axum::body::Body::empty())
+                        .unwrap()
+                };
+                let res = app.clone().oneshot(req()).await.unwrap();
+                assert_eq!(res.status(), StatusCode::ACCEPTED);
+                res.into_body().collect().await.unwrap();
+                let res = wrapped.clone().oneshot(req()).await.unwrap();
+                assert_eq!(res.status(), StatusCode::ACCEPTED);
+                res.into_body().collect().await.unwrap();
+            }
+            for layer in [&inside, &outside] {
+                tokio::time::timeout(LIMIT, layer.handle().wait_idle())
+                    .await
+                    .expect("idle");
+            }
+        });
+    });
+    let seen = routes.lock().unwrap().clone();
+    assert_eq!(seen.len(), 4, "{seen:?}");
+    for (route, path) in &seen {
+        assert_eq!(route.as_deref(), Some("/users/{id}"));
+        assert!(matches!(path.as_deref(), Some("/users/7" | "/users/8")));
+    }
+
+    let snapshot = snapshotter.snapshot().into_vec();
+    let counter = |labels: &[(&str, &str)]| {
+        snapshot
+            .iter()
+            .filter(|(key, _, _, _)| {
+                let k = key.key();
+                key.kind() == MetricKind::Counter
+                    && k.name() == "background_tasks_ended_total"
+                    && k.labels().count() == labels.len()
+                    && labels
+                        .iter()
+                        .all(|(l, v)| k.labels().any(|x| x.key() == *l && x.value() == *v))
+            })
+            .map(|(_, _, _, value)| match value {
+                DebugValue::Counter(n) => *n,
+                other => panic!("not a counter: {other:?}"),
+            })
+            .sum::<u64>()
+    };
+    let route = ("route", "/users/{id}");
+    assert_eq!(
+        counter(&[("outcome", "completed"), ("task", "email"), route]),
+        2
+    );
+    assert_eq!(counter(&[("outcome", "completed"), route]), 2);
+    // The layer outside the router: the same tasks, no route label.
+    assert_eq!(counter(&[("outcome", "completed"), ("task", "email")]), 2);
+    assert_eq!(counter(&[("outcome", "completed")]), 2);
+    assert!(
+        snapshot
+            .iter()
+            .all(|(key, _, _, _)| key.key().labels().all(|l| !l.value().contains("/users/7"))),
+        "a raw path became a label: {snapshot:?}"
+    );
+    let histogram = snapshot.iter().find(|(key, _, _, _)| {
+        let k = key.key();
+        k.name() == "background_task_run_seconds"
+            && k.labels().count() == 1
+            && k.labels()
+                .all(|l| l.key() == "route" && l.value() == "/users/{id}")
+    });
+    match histogram {
+        Some((_, _, _, DebugValue::Histogram(values))) => assert_eq!(values.len(), 2),
+        other => panic!("no run-time histogram by route: {other:?}"),
+    }
+}
