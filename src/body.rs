@@ -53,6 +53,7 @@ pin_project! {
 }
 
 impl<B: Body> BackgroundBody<B> {
+    #[inline]
     pub(crate) fn wrap(
         res: Response<B>,
         queue: Option<Arc<RequestQueue>>,

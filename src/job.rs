@@ -65,19 +65,21 @@ pub(crate) mod sealed {
     }
 }
 
-/// A permit of `max_concurrent_tasks` that a blocking closure takes along,
-/// released when it is dropped.
-pub(crate) type OwnedPermit = Box<dyn Send>;
+/// What a blocking closure takes along to the blocking pool. Dropped when
+/// the closure returns: it then gives back the closure's permit of
+/// `max_concurrent_tasks`, if it holds one, so that the limit holds until the
+/// closure really returns, even after a timeout.
+pub(crate) trait BlockingGuard: Send {
+    /// Whether the layer was shut down: a closure that waited for a thread of
+    /// the pool meanwhile was counted as cancelled, and must not run.
+    fn is_closed(&self) -> bool;
+}
 
 /// What a task receives when it starts.
 pub(crate) struct Start {
     pub(crate) completion: Completion,
-    /// The concurrency permit, if the layer has a limit and the task is
-    /// blocking work: it takes it along to the blocking pool so that the
-    /// limit holds until the closure really returns, even after a timeout.
-    pub(crate) permit: Option<OwnedPermit>,
-    /// For blocking work: the closure checks the close before it runs.
-    pub(crate) registry: Option<std::sync::Arc<crate::registry::Registry>>,
+    /// For blocking work only (set by the runner just before it starts one).
+    pub(crate) blocking: Option<Box<dyn BlockingGuard>>,
 }
 
 pub(crate) type Link = Option<Box<dyn Job>>;
@@ -303,17 +305,17 @@ where
                 // between `take` and the assignment below.
                 return Poll::Ready(Ending::Cancelled);
             };
-            let permit = start.permit.take();
+            let guard = start.blocking.take();
             let span = span.clone();
-            let registry = start.registry.clone();
             *this = BlockingWork::Running(tokio::task::spawn_blocking(move || {
-                let _permit = permit;
                 // It may wait for a thread of the pool: a shutdown meanwhile
                 // counted it as cancelled, so it must not run.
-                if registry.is_some_and(|registry| registry.is_closed()) {
+                if guard.as_ref().is_some_and(|guard| guard.is_closed()) {
                     return None;
                 }
-                Some(span.in_scope(|| f().into_failure()))
+                let failure = span.in_scope(|| f().into_failure());
+                drop(guard); // its permit, if it holds one
+                Some(failure)
             }));
         }
         let BlockingWork::Running(handle) = this else {
