@@ -84,15 +84,33 @@ fn buckets(s: &Stats) -> BTreeMap<&'static str, u64> {
 
 /// Nothing in flight, every task added counted once, and the hook saw each
 /// ending once, in the bucket `Stats` counts it in.
-fn assert_books(handle: &BackgroundHandle, ledger: &Ledger, added: u64) {
+///
+/// The hook runs on the thread where a task ended, right after the task was
+/// counted, so on a multi-thread runtime `wait_idle` can resolve while the
+/// last hook calls are still running elsewhere: wait (bounded) for the hook
+/// to catch up before comparing.
+async fn assert_books(handle: &BackgroundHandle, ledger: &Ledger, added: u64) {
     let s = handle.stats();
     assert_eq!((s.pending, s.running), (0, 0), "nothing in flight: {s:?}");
     assert_eq!(s.total(), added, "every task added is counted: {s:?}");
     assert_eq!(s.ended(), added, "every task ended in one bucket: {s:?}");
-    assert_eq!(
+    // Bounded in time and in rounds (a paused clock does not advance while
+    // this loop keeps the runtime busy).
+    let caught_up = tokio::time::timeout(Duration::from_secs(2), async {
+        for _ in 0..100_000 {
+            if ledger.get() == buckets(&s) {
+                return true;
+            }
+            tokio::task::yield_now().await;
+        }
+        false
+    })
+    .await;
+    assert!(
+        caught_up == Ok(true),
+        "the hook saw every ending once, in the bucket Stats counts: hook {:?}, stats {:?}",
         ledger.get(),
-        buckets(&s),
-        "the hook saw every ending once, in the bucket Stats counts"
+        buckets(&s)
     );
 }
 
@@ -211,7 +229,7 @@ async fn names_a_million_replacements_in_one_request_keep_one_task_alive() {
     assert_eq!(live.load(SeqCst), 0);
     let s = handle.stats();
     assert_eq!((s.completed, s.replaced), (1, N - 1), "{s:?}");
-    assert_books(&handle, &ledger, N);
+    assert_books(&handle, &ledger, N).await;
 }
 
 /// Named tasks against `max_tasks_per_request`. The docs do not say whether
@@ -237,7 +255,7 @@ async fn names_against_the_per_request_cap_are_counted_once() {
     println!("10 adds of one name, cap 3: ran {:?}, {s:?}", log.get());
     assert_eq!(log.len(), 1, "one task of the name runs");
     assert_eq!((s.completed, s.refused + s.replaced), (1, 9), "{s:?}");
-    assert_books(&handle, &ledger, 10);
+    assert_books(&handle, &ledger, 10).await;
 
     // Does `forget` give a slot back?
     let log = Log::default();
@@ -259,7 +277,7 @@ async fn names_against_the_per_request_cap_are_counted_once() {
     assert!(!log.get().contains(&"a".to_owned()));
     // a, b, forget(a), c, d: four tasks; the forgotten one still counts
     // against the cap.
-    assert_books(&handle, &ledger, 14);
+    assert_books(&handle, &ledger, 14).await;
 }
 
 /// A named task that, while it runs, adds the next task of its own name to
@@ -290,7 +308,7 @@ async fn names_a_task_that_re_adds_itself_by_name_runs_every_link() {
     assert_eq!(runs.load(SeqCst), 50);
     let s = handle.stats();
     assert_eq!((s.completed, s.replaced), (50, 0), "{s:?}");
-    assert_books(&handle, &ledger, 50);
+    assert_books(&handle, &ledger, 50).await;
 }
 
 /// The same chain, each link adding two tasks of the name: whether the
@@ -310,7 +328,7 @@ async fn names_a_task_that_re_adds_itself_twice_by_name_ends_and_balances() {
     println!("two late adds of one name per link: {s:?}");
     assert!(runs.load(SeqCst) >= 50);
     assert_eq!(s.completed, runs.load(SeqCst), "{s:?}");
-    assert_books(&handle, &ledger, s.total());
+    assert_books(&handle, &ledger, s.total()).await;
     // 1 + 2 per link that re-added (the first 49 links).
     assert_eq!(s.total(), 1 + 2 * 49, "{s:?}");
 }
@@ -348,7 +366,7 @@ async fn names_forget_from_inside_a_running_task() {
     assert_eq!(late == 0, ran.contains(&"late".to_owned()));
     let s = handle.stats();
     assert_eq!(s.replaced, (sibling + late) as u64, "{s:?}");
-    assert_books(&handle, &ledger, 3);
+    assert_books(&handle, &ledger, 3).await;
 }
 
 // ---------------------------------------------------------------------------
@@ -393,7 +411,7 @@ async fn coalesce_a_panicking_survivor_frees_its_key() {
     .await;
     within("the key to be free again", rx).await.unwrap();
     idle(&handle).await;
-    assert_books(&handle, &ledger, 1 + 10 + 1);
+    assert_books(&handle, &ledger, 1 + 10 + 1).await;
 }
 
 /// Panics in `Drop` of tasks that never run (replaced, forgotten, refused,
@@ -517,7 +535,7 @@ async fn drop_panics_of_tasks_that_never_run_go_no_further() {
         "{s:?}"
     );
     // 6 + blocker + survivor + merged + skipped + discarded
-    assert_books(&handle, &ledger, 11);
+    assert_books(&handle, &ledger, 11).await;
 }
 
 /// A response that never ends does not hold its key: its keyed task claims
@@ -570,7 +588,7 @@ async fn coalesce_a_response_that_never_ends_holds_no_key() {
     assert_eq!(log.get(), ["b"]);
     let s = handle.stats();
     assert_eq!((s.cancelled, s.replaced, s.completed), (1, 2, 2), "{s:?}");
-    assert_books(&handle, &ledger, 5);
+    assert_books(&handle, &ledger, 5).await;
 }
 
 /// Coalescing across requests with different run policies: the task that
@@ -628,7 +646,7 @@ async fn coalesce_across_run_policies_the_survivor_answered_500() {
     .await;
     idle(&handle).await;
     assert_eq!(log.get(), ["survivor of a 500", "next"]);
-    assert_books(&handle, &ledger, 6);
+    assert_books(&handle, &ledger, 6).await;
 }
 
 /// The task holding a key ends without starting (its request's time budget
@@ -673,7 +691,7 @@ async fn coalesce_work_merged_into_a_survivor_that_times_out_before_starting_is_
     .await;
     idle(&handle).await;
     assert_eq!(log.get(), ["s refresh"]);
-    assert_books(&handle, &ledger, 4);
+    assert_books(&handle, &ledger, 4).await;
 }
 
 /// A keyed task that, while it runs, adds the next task of its key (a late
@@ -701,7 +719,7 @@ async fn coalesce_a_chain_that_re_adds_its_own_key_runs_every_link() {
     let s = handle.stats();
     assert_eq!(s.completed + s.replaced, 21, "{s:?}");
     assert!(s.completed >= 20, "{s:?}");
-    assert_books(&handle, &ledger, 21);
+    assert_books(&handle, &ledger, 21).await;
 }
 
 // ---------------------------------------------------------------------------
@@ -777,7 +795,7 @@ fn hook_that_adds_forgets_and_reads_stats_on_the_same_request_does_not_deadlock(
             .await;
             idle(&handle).await;
             *slot.lock().unwrap() = None;
-            assert_books(&handle, &ledger, adds.load(SeqCst));
+            assert_books(&handle, &ledger, adds.load(SeqCst)).await;
             let late = late_counts.lock().unwrap().clone();
             (handle.stats(), hook_rounds.load(SeqCst), late)
         });
@@ -835,7 +853,7 @@ async fn a_hook_that_retries_cancelled_tasks_after_shutdown_terminates() {
     assert_eq!(ran.load(SeqCst), 0, "nothing runs after the close");
     let s = handle.stats();
     assert_eq!(s.cancelled, 101, "{s:?}");
-    assert_books(&handle, &ledger, 101);
+    assert_books(&handle, &ledger, 101).await;
 }
 
 // ---------------------------------------------------------------------------
@@ -911,7 +929,7 @@ async fn pending_bound_of_1_with_30_clients_and_a_shutdown_in_the_middle() {
     let s = handle.stats();
     assert_eq!((s.cancelled, s.completed), (CLIENTS, 0), "{s:?}");
     server.graceful_shutdown().await;
-    assert_books(&handle, &ledger, CLIENTS);
+    assert_books(&handle, &ledger, CLIENTS).await;
 }
 
 /// More services waiting for room than any fixed table of wakers could
@@ -957,7 +975,7 @@ async fn pending_bound_wakes_every_one_of_1100_waiting_services() {
     .await;
     assert_eq!(served.load(SeqCst), WAITERS);
     idle(&handle).await;
-    assert_books(&handle, &ledger, 1 + 1 + WAITERS);
+    assert_books(&handle, &ledger, 1 + 1 + WAITERS).await;
 }
 
 type BoxBody = UnsyncBoxBody<Bytes, std::io::Error>;
@@ -1054,7 +1072,7 @@ async fn pending_bound_slow_readers_fill_the_backlog_and_free_it_when_they_leave
     let s = handle.stats();
     assert_eq!(s.completed, 3, "the slow readers' tasks ran: {s:?}");
     server.graceful_shutdown().await;
-    assert_books(&handle, &ledger, 3);
+    assert_books(&handle, &ledger, 3).await;
 }
 
 // ---------------------------------------------------------------------------
@@ -1098,7 +1116,7 @@ async fn budget_does_not_run_while_a_request_waits_for_its_first_permit() {
     assert_eq!(log.get(), ["b0", "b1"]);
     let s = handle.stats();
     assert_eq!((s.completed, s.timed_out), (3, 0), "{s:?}");
-    assert_books(&handle, &ledger, 3);
+    assert_books(&handle, &ledger, 3).await;
 }
 
 /// The budget of a sequential request keeps running while its second task
@@ -1145,7 +1163,7 @@ async fn budget_spent_while_a_later_task_waits_for_a_permit() {
     let b2_ran = ran.contains(&"b2 end".to_owned());
     assert!(ran.contains(&"c end".to_owned()), "{ran:?}");
     assert_eq!(s.timed_out, u64::from(!b2_ran), "{s:?}");
-    assert_books(&handle, &ledger, 4);
+    assert_books(&handle, &ledger, 4).await;
 }
 
 // ---------------------------------------------------------------------------
@@ -1206,7 +1224,7 @@ async fn extreme_inputs_are_taken_as_no_limit() {
     release_tx.send(()).unwrap();
     let report = within("shutdown(Duration::MAX)", shutdown).await.unwrap();
     assert_eq!((report.completed, report.cancelled), (1, 0), "{report:?}");
-    assert_books(&handle, &ledger, 4);
+    assert_books(&handle, &ledger, 4).await;
 }
 
 /// `task_timeout(Duration::MAX)` or `request_time_budget(Duration::MAX)`
@@ -1231,7 +1249,7 @@ async fn a_limit_of_duration_max_runs_the_tasks(layer: BackgroundLayer) {
         log.get()
     );
     assert_eq!(log.get(), ["first", "second"], "{s:?}");
-    assert_books(&handle, &ledger, 2);
+    assert_books(&handle, &ledger, 2).await;
 }
 
 #[tokio::test]
@@ -1351,7 +1369,7 @@ async fn h2_resets_mid_body_put_every_task_in_its_policy_s_bucket() {
     let s = handle.stats();
     println!("h2 resets: {s:?}, add_with saw {:?}", seen.lock().unwrap());
     server.graceful_shutdown().await;
-    assert_books(&handle, &ledger, 7 * (MID_BODY + MID_REQUEST));
+    assert_books(&handle, &ledger, 7 * (MID_BODY + MID_REQUEST)).await;
 }
 
 // ---------------------------------------------------------------------------
@@ -1456,7 +1474,467 @@ async fn shutdown_report_with_work_in_every_state_matches_stats() {
         "the hook saw the streaming task cancelled once its body was dropped: {names:?}"
     );
     // 4 + 1 + 2 + 2 + 1 + 1 (late)
-    assert_books(&handle, &ledger, 11);
+    assert_books(&handle, &ledger, 11).await;
+}
+
+// ---------------------------------------------------------------------------
+// More names, caps and budgets
+// ---------------------------------------------------------------------------
+
+/// `forget` and a replacement by name while the request's tasks wait for a
+/// permit of `max_concurrent_tasks` (its response has ended; has the runner
+/// "taken" them?). Whatever the answer, the return value of `forget` says
+/// whether the task runs, and a task of the same name in another request is
+/// never touched.
+#[tokio::test]
+async fn names_forget_and_replace_while_the_request_waits_for_a_permit() {
+    let ledger = Ledger::default();
+    let layer = BackgroundLayer::new()
+        .max_concurrent_tasks(1)
+        .on_task_end(ledger.hook());
+    let handle = layer.handle();
+    let log = Log::default();
+    let gate = blocker(&layer).await;
+    let slot = Arc::new(Mutex::new(None));
+    let (l, sl) = (log.clone(), slot.clone());
+    finish(&layer, 200, move |t| {
+        *sl.lock().unwrap() = Some(t.clone());
+        t.named("x").add(l.task("r x"));
+        t.named("y").add(l.task("r y1"));
+    })
+    .await;
+    let l = log.clone();
+    finish(&layer, 200, move |t| t.named("x").add(l.task("q x"))).await;
+    assert_eq!(handle.stats().pending, 3);
+    let tasks = slot.lock().unwrap().take().unwrap();
+    let forgot = tasks.forget("x");
+    tasks.named("y").add(log.task("r y2"));
+    gate.notify_one();
+    idle(&handle).await;
+    let ran = log.get();
+    let s = handle.stats();
+    println!("waiting for a permit: forget returned {forgot}; ran {ran:?}; {s:?}");
+    assert!(
+        ran.contains(&"q x".to_owned()),
+        "another request's x: {ran:?}"
+    );
+    assert!(ran.contains(&"r y2".to_owned()), "{ran:?}");
+    assert_eq!(forgot == 0, ran.contains(&"r x".to_owned()), "{ran:?}");
+    let y1_ran = ran.contains(&"r y1".to_owned());
+    assert_eq!(
+        s.replaced,
+        forgot as u64 + u64::from(!y1_ran),
+        "every task that did not run was taken back or replaced: {s:?}"
+    );
+    assert_books(&handle, &ledger, 5).await;
+}
+
+/// The cap counts the tasks added after the response too (late adds).
+#[tokio::test]
+async fn the_per_request_cap_counts_late_adds() {
+    let ledger = Ledger::default();
+    let layer = BackgroundLayer::new()
+        .max_tasks_per_request(2)
+        .on_task_end(ledger.hook());
+    let handle = layer.handle();
+    let log = Log::default();
+    let slot = Arc::new(Mutex::new(None));
+    let (l, sl) = (log.clone(), slot.clone());
+    finish(&layer, 200, move |t| {
+        *sl.lock().unwrap() = Some(t.clone());
+        t.add(l.task("in the handler"));
+    })
+    .await;
+    idle(&handle).await;
+    let tasks = slot.lock().unwrap().take().unwrap();
+    tasks.add(log.task("late 1"));
+    tasks.add(log.task("late 2"));
+    idle(&handle).await;
+    assert_eq!(log.get(), ["in the handler", "late 1"]);
+    assert_eq!(handle.stats().refused, 1);
+    assert_books(&handle, &ledger, 3).await;
+}
+
+/// Tasks that never run must give their room back: a bound of 2 pending
+/// tasks, one permit held, and 200 requests that each replace, forget,
+/// coalesce, overrun the cap, fail with 500 or fail with no response. Only
+/// the one task holding the key stays pending, so `poll_ready` never stops
+/// saying yes.
+#[tokio::test]
+async fn pending_bound_is_not_leaked_by_tasks_that_never_run() {
+    use tower::Service;
+    const REQUESTS: u64 = 200;
+    let ledger = Ledger::default();
+    let layer = BackgroundLayer::new()
+        .max_concurrent_tasks(1)
+        .max_pending_tasks(2)
+        .max_tasks_per_request(3)
+        .on_task_end(ledger.hook());
+    let handle = layer.handle();
+    let gate = blocker(&layer).await;
+    let mut svc = layer.layer(service_fn(|req: Request<u16>| {
+        let code = *req.body();
+        let t = req.extensions().get::<BackgroundTasks>().unwrap().clone();
+        t.named("m").add(async {});
+        t.named("m").add(async {}); // replaces the first
+        assert_eq!(t.forget("m"), 1);
+        t.options().coalesce("k").add(async {});
+        t.add(async {}); // refused
+        t.add(async {}); // refused
+        std::future::ready(match code {
+            0 => Err("no response"),
+            code => Ok(status(code)),
+        })
+    }));
+    for i in 0..REQUESTS {
+        let code = [200, 500, 0][i as usize % 3];
+        let fut = within("room for the next request", svc.ready())
+            .await
+            .unwrap()
+            .call(Request::new(code));
+        if let Ok(res) = fut.await {
+            res.into_body().collect().await.unwrap();
+        }
+        assert!(handle.stats().pending <= 1, "{:?}", handle.stats());
+    }
+    gate.notify_one();
+    idle(&handle).await;
+    let s = handle.stats();
+    assert_eq!(s.completed, 2, "the blocker and the key's one task: {s:?}");
+    // m, m, k and two refused: five adds per request (forget adds none).
+    assert_books(&handle, &ledger, 1 + 5 * REQUESTS).await;
+}
+
+/// With `Execution::Concurrent` the budget runs from the first task of the
+/// request's current run: three tasks started together are all timed out
+/// at the budget, and a later add after they ended gets a budget of its own.
+#[tokio::test(start_paused = true)]
+async fn budget_with_concurrent_execution_and_a_fresh_run() {
+    let ledger = Ledger::default();
+    let layer = BackgroundLayer::new()
+        .execution(tower_background::Execution::Concurrent)
+        .request_time_budget(Duration::from_secs(1))
+        .on_task_end(ledger.hook());
+    let handle = layer.handle();
+    let slot = Arc::new(Mutex::new(None));
+    let sl = slot.clone();
+    finish(&layer, 200, move |t| {
+        *sl.lock().unwrap() = Some(t.clone());
+        for _ in 0..3 {
+            t.add(tokio::time::sleep(Duration::from_secs(2)));
+        }
+    })
+    .await;
+    let t0 = tokio::time::Instant::now();
+    idle(&handle).await;
+    assert_eq!(
+        t0.elapsed(),
+        Duration::from_secs(1),
+        "all three at the budget"
+    );
+    assert_eq!(handle.stats().timed_out, 3);
+    let tasks = slot.lock().unwrap().take().unwrap();
+    tasks.add(tokio::time::sleep(Duration::from_millis(900)));
+    idle(&handle).await;
+    assert_eq!(handle.stats().completed, 1, "a fresh budget for a new run");
+    tasks.add(tokio::time::sleep(Duration::from_secs(2)));
+    idle(&handle).await;
+    let s = handle.stats();
+    assert_eq!((s.completed, s.timed_out), (1, 4), "{s:?}");
+    assert_books(&handle, &ledger, 5).await;
+}
+
+/// A blocking closure that outlives its request's budget is counted timed
+/// out but keeps running, and (as with `task_timeout`) it keeps its permit
+/// of `max_concurrent_tasks` until it returns: the next task of the layer
+/// does not start beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budget_spent_by_a_blocking_closure_keeps_its_permit() {
+    let ledger = Ledger::default();
+    let layer = BackgroundLayer::new()
+        .max_concurrent_tasks(1)
+        .request_time_budget(Duration::from_millis(50))
+        .on_task_end(ledger.hook());
+    let handle = layer.handle();
+    let active = Arc::new(AtomicUsize::new(0));
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let a = active.clone();
+    finish(&layer, 200, move |t| {
+        t.add_blocking(move || {
+            a.fetch_add(1, SeqCst);
+            let _ = release_rx.recv_timeout(Duration::from_secs(10));
+            a.fetch_sub(1, SeqCst);
+        })
+    })
+    .await;
+    until("the closure to be timed out by the budget", || {
+        handle.stats().timed_out == 1
+    })
+    .await;
+    assert_eq!(active.load(SeqCst), 1, "the closure still runs");
+    let (seen_tx, seen_rx) = oneshot::channel();
+    let a = active.clone();
+    finish(&layer, 200, move |t| {
+        t.add(async move {
+            let _ = seen_tx.send(a.load(SeqCst));
+        })
+    })
+    .await;
+    // Give the next task every chance to start beside the closure.
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+    release_tx.send(()).unwrap();
+    let beside = within("the next task", seen_rx).await.unwrap();
+    assert_eq!(
+        beside, 0,
+        "a task ran beside the timed-out closure's permit"
+    );
+    idle(&handle).await;
+    assert_books(&handle, &ledger, 2).await;
+}
+
+// ---------------------------------------------------------------------------
+// What the hook says about each task
+// ---------------------------------------------------------------------------
+
+/// `TaskEnd::queued` and `TaskEnd::ran` are `Some` exactly for the tasks
+/// that started, whatever bucket they end in: completed, failed, panicked,
+/// timed out while running or before starting, discarded, cancelled while
+/// running or pending, skipped, refused, replaced by name or merged by key.
+#[tokio::test]
+async fn hook_queued_and_ran_say_whether_the_task_started() {
+    type Ends = Vec<(&'static str, &'static str, bool, bool)>;
+    let ends: Arc<Mutex<Ends>> = Arc::default();
+    let started: Arc<Mutex<Vec<&'static str>>> = Arc::default();
+    let e = ends.clone();
+    let ledger = Ledger::default();
+    let lg = ledger.clone();
+    let layer = BackgroundLayer::new()
+        .max_concurrent_tasks(1)
+        .max_tasks_per_request(4)
+        .task_timeout(Duration::from_millis(200))
+        .on_task_end(move |end| {
+            lg.record(end);
+            e.lock().unwrap().push((
+                end.name.unwrap_or("?"),
+                end.outcome.as_str(),
+                end.queued.is_some(),
+                end.ran.is_some(),
+            ));
+        });
+    let handle = layer.handle();
+    let mark = |name: &'static str| {
+        let started = started.clone();
+        move || started.lock().unwrap().push(name)
+    };
+    let (m1, m2, m3, m4, m5) = (
+        mark("ok"),
+        mark("err"),
+        mark("boom"),
+        mark("slow"),
+        mark("dup"),
+    );
+    finish(&layer, 200, move |t| {
+        t.named("ok").add(async move { m1() });
+        t.named("err").add(async move {
+            m2();
+            Err::<(), _>("down")
+        });
+        t.named("boom").add(async move {
+            m3();
+            if true {
+                panic!("boom");
+            }
+        });
+        t.named("slow").add(async move {
+            m4();
+            std::future::pending::<()>().await
+        });
+        t.named("refused").add(async {});
+    })
+    .await;
+    finish(&layer, 500, |t| t.named("skipped").add(async {})).await;
+    finish(&layer, 200, move |t| {
+        t.named("dup").add(async {});
+        t.named("dup").add(async move { m5() });
+    })
+    .await;
+    let svc = layer.layer(service_fn(|req: Request<()>| {
+        let t = req.extensions().get::<BackgroundTasks>().unwrap().clone();
+        t.named("discarded").add(async {});
+        std::future::ready(Err::<Response<Full<Bytes>>, _>("down"))
+    }));
+    svc.oneshot(Request::new(())).await.unwrap_err();
+    idle(&handle).await;
+    // Merged: one holds the key behind the blocker, the other merges.
+    let gate = blocker(&layer).await;
+    finish(&layer, 200, |t| t.named("key").coalesce("k").add(async {})).await;
+    finish(&layer, 200, |t| {
+        t.named("merged").coalesce("k").add(async {})
+    })
+    .await;
+    // Cancelled while pending (the key holder) and while running (blocker).
+    let report = within("shutdown", handle.shutdown(Duration::from_millis(10))).await;
+    assert_eq!(report.cancelled, 2, "{report:?}");
+    drop(gate);
+    idle(&handle).await;
+    let started = started.lock().unwrap().clone();
+    let ends = ends.lock().unwrap().clone();
+    println!("hook ends: {ends:?}");
+    // Per name: as many ends with `queued` and `ran` set as tasks of that
+    // name started (the blocker's start is not marked), and never one
+    // without the other.
+    let mut wrong = Vec::new();
+    for (name, outcome, queued, ran) in &ends {
+        if queued != ran {
+            wrong.push(format!("{name} {outcome}: queued {queued}, ran {ran}"));
+        }
+        let with_times = ends.iter().filter(|(n, _, q, _)| n == name && *q).count();
+        let starts =
+            started.iter().filter(|n| *n == name).count() + usize::from(*name == "blocker");
+        if with_times != starts {
+            wrong.push(format!(
+                "{name}: {with_times} ends with times, {starts} started"
+            ));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "queued/ran disagree with whether the task started: {wrong:?}"
+    );
+    assert_books(&handle, &ledger, 12).await;
+}
+
+// ---------------------------------------------------------------------------
+// Stats under churn
+// ---------------------------------------------------------------------------
+
+/// Four clients send 300 requests each on a two-thread runtime, mixing
+/// names, forgets, keys, the cap, policies, failures and tasks that yield,
+/// while a sampler takes snapshots; a shutdown lands in the middle. Every
+/// snapshot is consistent: no bucket ever goes back, `total()` never goes
+/// back and lies between the adds finished and the adds begun before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_snapshots_under_churn_and_a_shutdown_never_go_back() {
+    const CLIENTS: u64 = 4;
+    const PER_CLIENT: u64 = 300;
+    let ledger = Ledger::default();
+    let layer = BackgroundLayer::new()
+        .max_concurrent_tasks(8)
+        .max_tasks_per_request(4)
+        .on_task_end(ledger.hook());
+    let handle = layer.handle();
+    let begun = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicU64::new(0));
+    let (b, d) = (begun.clone(), done.clone());
+    let svc = layer.layer(service_fn(move |req: Request<u64>| {
+        let i = *req.body();
+        let t = req.extensions().get::<BackgroundTasks>().unwrap().clone();
+        let add = |f: &dyn Fn(&BackgroundTasks)| {
+            b.fetch_add(1, SeqCst);
+            f(&t);
+            d.fetch_add(1, SeqCst);
+        };
+        add(&|t| {
+            t.named("n").add(async {
+                tokio::task::yield_now().await;
+            })
+        });
+        add(&|t| t.named("n").add(async {}));
+        add(&|t| t.options().coalesce(format!("k{}", i % 3)).add(async {}));
+        if i % 5 == 0 {
+            t.forget("n");
+        }
+        add(&|t| {
+            t.options()
+                .run_policy(RunPolicy::Always)
+                .add(async { Err::<(), _>("down") })
+        });
+        add(&|t| t.add(async {})); // refused
+        std::future::ready(match i % 7 {
+            0 => Err("no response"),
+            1 => Ok(status(500)),
+            _ => Ok(ok()),
+        })
+    }));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = tokio::spawn({
+        let (handle, stop, begun, done) =
+            (handle.clone(), stop.clone(), begun.clone(), done.clone());
+        async move {
+            let mut last = handle.stats();
+            let mut samples = 0u64;
+            while !stop.load(SeqCst) {
+                let floor = done.load(SeqCst);
+                let s = handle.stats();
+                let ceiling = begun.load(SeqCst);
+                assert!(
+                    s.total() >= floor && s.total() <= ceiling,
+                    "total {} outside [{floor}, {ceiling}]: {s:?}",
+                    s.total()
+                );
+                assert!(s.total() >= last.total(), "{last:?} then {s:?}");
+                for ((name, before), (_, now)) in
+                    buckets_all(&last).into_iter().zip(buckets_all(&s))
+                {
+                    assert!(now >= before, "{name} went back: {last:?} then {s:?}");
+                }
+                last = s;
+                samples += 1;
+                tokio::task::yield_now().await;
+            }
+            samples
+        }
+    });
+    let mut clients = tokio::task::JoinSet::new();
+    for c in 0..CLIENTS {
+        let svc = svc.clone();
+        clients.spawn(async move {
+            for i in 0..PER_CLIENT {
+                let r = svc.clone().oneshot(Request::new(c * PER_CLIENT + i)).await;
+                if let Ok(res) = r {
+                    if i % 2 == 0 {
+                        let _ = res.into_body().collect().await;
+                    }
+                }
+                tokio::task::yield_now().await;
+            }
+        });
+    }
+    until("half of the adds", || {
+        done.load(SeqCst) >= CLIENTS * PER_CLIENT * 5 / 2
+    })
+    .await;
+    let report = within("shutdown", handle.shutdown(Duration::ZERO)).await;
+    within("the clients", async {
+        while let Some(r) = clients.join_next().await {
+            r.unwrap();
+        }
+    })
+    .await;
+    idle(&handle).await;
+    stop.store(true, SeqCst);
+    let samples = within("the sampler", sampler).await.unwrap();
+    let s = handle.stats();
+    println!("churn: {samples} samples, shutdown {report:?}, {s:?}");
+    assert!(s.cancelled >= report.cancelled, "{s:?}");
+    assert_books(&handle, &ledger, begun.load(SeqCst)).await;
+}
+
+/// Every bucket of `s`, zeros included, in a fixed order.
+fn buckets_all(s: &Stats) -> [(&'static str, u64); 9] {
+    [
+        ("completed", s.completed),
+        ("failed", s.failed),
+        ("panicked", s.panicked),
+        ("timed_out", s.timed_out),
+        ("discarded", s.discarded),
+        ("cancelled", s.cancelled),
+        ("skipped", s.skipped),
+        ("refused", s.refused),
+        ("replaced", s.replaced),
+    ]
 }
 
 // ---------------------------------------------------------------------------
@@ -1590,7 +2068,7 @@ mod metrics_feature {
             .await;
             finish(&layer, 500, |t| t.named("skipped").add(async {})).await;
             idle(&handle).await;
-            assert_books(&handle, &ledger, 8);
+            assert_books(&handle, &ledger, 8).await;
             handle
         });
         let s = handle.stats();
