@@ -1938,6 +1938,165 @@ fn buckets_all(s: &Stats) -> [(&'static str, u64); 9] {
 }
 
 // ---------------------------------------------------------------------------
+// Hostile hooks, tasks and layer clones
+// ---------------------------------------------------------------------------
+
+/// A hook that panics at every ending, including the endings that happen
+/// inside `add` (replaced, refused), inside `forget`, at the end of the body
+/// (skipped, merged) and when the response future fails (discarded): the
+/// panic never reaches the handler or the caller, and every task is counted.
+#[tokio::test]
+async fn a_hook_that_panics_at_every_ending_reaches_no_caller() {
+    let ledger = Ledger::default();
+    let lg = ledger.clone();
+    let layer = BackgroundLayer::new()
+        .max_concurrent_tasks(1)
+        .max_tasks_per_request(3)
+        .on_task_end(move |end| {
+            lg.record(end);
+            panic!("the hook exploded at {}", end.outcome.as_str());
+        });
+    let handle = layer.handle();
+    let log = Log::default();
+    let mut leaked = Vec::new();
+    let step =
+        |layer: &BackgroundLayer, code: u16, queue: Box<dyn FnOnce(&BackgroundTasks) + Send>| {
+            let layer = layer.clone();
+            tokio::spawn(async move { finish(&layer, code, queue).await })
+        };
+    let l = log.clone();
+    let r = step(
+        &layer,
+        200,
+        Box::new(move |t| {
+            t.named("n").add(l.task("replaced"));
+            t.named("n").add(l.task("n"));
+            t.named("f").add(l.task("forgotten"));
+            assert_eq!(t.forget("f"), 1);
+            t.add(l.task("refused"));
+        }),
+    )
+    .await;
+    if r.is_err() {
+        leaked.push("add/forget");
+    }
+    idle(&handle).await;
+    if step(&layer, 500, Box::new(|t| t.add(async {})))
+        .await
+        .is_err()
+    {
+        leaked.push("skip");
+    }
+    let gate = blocker(&layer).await;
+    let l = log.clone();
+    finish(&layer, 200, move |t| {
+        t.options().coalesce("k").add(l.task("k"))
+    })
+    .await;
+    if step(
+        &layer,
+        200,
+        Box::new(|t| t.options().coalesce("k").add(async {})),
+    )
+    .await
+    .is_err()
+    {
+        leaked.push("merge");
+    }
+    gate.notify_one();
+    idle(&handle).await;
+    let svc = layer.layer(service_fn(|req: Request<()>| {
+        let t = req.extensions().get::<BackgroundTasks>().unwrap().clone();
+        t.add(async {});
+        std::future::ready(Err::<Response<Full<Bytes>>, _>("down"))
+    }));
+    if tokio::spawn(svc.oneshot(Request::new(()))).await.is_err() {
+        leaked.push("discard");
+    }
+    idle(&handle).await;
+    assert!(leaked.is_empty(), "a hook panic reached: {leaked:?}");
+    assert_eq!(log.get(), ["n", "k"]);
+    // 4 + skipped + blocker + k + merged + discarded
+    assert_books(&handle, &ledger, 9).await;
+}
+
+/// A task that calls `shutdown` on its own layer: the grace runs out
+/// waiting for the task itself, the close cancels it, and nothing hangs;
+/// `wait_idle` resolves and the task is counted cancelled once.
+#[tokio::test]
+async fn a_task_that_shuts_down_its_own_layer_does_not_hang() {
+    let ledger = Ledger::default();
+    let layer = BackgroundLayer::new().on_task_end(ledger.hook());
+    let handle = layer.handle();
+    let (report_tx, report_rx) = oneshot::channel();
+    let h = handle.clone();
+    let log = Log::default();
+    let l = log.clone();
+    finish(&layer, 200, move |t| {
+        t.named("self-stop").add(async move {
+            let report = h.shutdown(Duration::from_millis(50)).await;
+            let _ = report_tx.send(report);
+        });
+        t.add(l.task("behind it"));
+    })
+    .await;
+    idle(&handle).await;
+    // The task was dropped at the close: its report never arrives.
+    let report = within("the task's report or its drop", report_rx).await;
+    println!("a task's own shutdown: {report:?}");
+    assert!(log.get().is_empty());
+    let s = handle.stats();
+    assert_eq!(s.cancelled, 2, "{s:?}");
+    assert_books(&handle, &ledger, 2).await;
+}
+
+/// Layer clones with different `max_pending_tasks`: "the first service
+/// made from a layer clone with this setting fixes the bound for every
+/// clone". A later clone's larger bound changes nothing, and a service of
+/// a clone without the setting made before shares the bound too (one
+/// registry).
+#[tokio::test]
+async fn pending_bound_of_layer_clones_is_fixed_by_the_first_service() {
+    use tower::Service;
+    let plain = BackgroundLayer::new().max_concurrent_tasks(1);
+    let handle = plain.handle();
+    let handler = |req: Request<()>| {
+        req.extensions()
+            .get::<BackgroundTasks>()
+            .unwrap()
+            .add(async {});
+        std::future::ready(Ok::<_, Infallible>(ok()))
+    };
+    let mut before = plain.layer(service_fn(handler));
+    let gate = blocker(&plain).await;
+    let mut bounded = plain
+        .clone()
+        .max_pending_tasks(1)
+        .layer(service_fn(handler));
+    let mut larger = plain
+        .clone()
+        .max_pending_tasks(5)
+        .layer(service_fn(handler));
+    let res = within("room", bounded.ready())
+        .await
+        .unwrap()
+        .call(Request::new(()))
+        .await;
+    drop(res.unwrap());
+    assert_eq!(handle.stats().pending, 1);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let b = bounded.poll_ready(&mut cx).is_ready();
+    let l = larger.poll_ready(&mut cx).is_ready();
+    let p = before.poll_ready(&mut cx).is_ready();
+    println!("one pending: bounded ready {b}, larger ready {l}, made-before ready {p}");
+    assert!(!b, "the bound of 1 holds");
+    assert!(!l, "a later clone's bound of 5 does not replace the first");
+    gate.notify_one();
+    idle(&handle).await;
+    assert!(bounded.poll_ready(&mut cx).is_ready());
+}
+
+// ---------------------------------------------------------------------------
 // The `metrics` feature
 // ---------------------------------------------------------------------------
 
@@ -1980,9 +2139,11 @@ mod metrics_feature {
         }
     }
 
-    /// Every metric by name and sorted labels.
+    /// Every metric: its name, its labels (`key=value`) and its cell.
+    type Metric = (String, Vec<String>, Arc<Cell>);
+
     #[derive(Default)]
-    struct Rec(Mutex<BTreeMap<String, Arc<Cell>>>);
+    struct Rec(Mutex<BTreeMap<String, Metric>>);
 
     impl Rec {
         fn cell(&self, key: &Key) -> Arc<Cell> {
@@ -1992,26 +2153,24 @@ mod metrics_feature {
                 .collect();
             labels.sort();
             let id = format!("{}{{{}}}", key.name(), labels.join(","));
-            self.0.lock().unwrap().entry(id).or_default().clone()
+            let name = key.name().to_owned();
+            let mut all = self.0.lock().unwrap();
+            let entry = all
+                .entry(id)
+                .or_insert_with(|| (name, labels, Arc::default()));
+            entry.2.clone()
         }
 
-        fn value(&self, id: &str) -> f64 {
+        /// The sum of the values and the number of samples of the metrics
+        /// named `name` that carry every label of `labels`.
+        fn sum(&self, name: &str, labels: &[&str]) -> (f64, u64) {
             self.0
                 .lock()
                 .unwrap()
-                .get(id)
-                .map(|c| *c.0.lock().unwrap())
-                .unwrap_or(0.0)
-        }
-
-        fn sum(&self, prefix: &str) -> (f64, u64) {
-            self.0
-                .lock()
-                .unwrap()
-                .iter()
-                .filter(|(id, _)| id.starts_with(prefix))
-                .fold((0.0, 0), |(v, n), (_, c)| {
-                    (v + *c.0.lock().unwrap(), n + c.1.load(SeqCst))
+                .values()
+                .filter(|(n, l, _)| n == name && labels.iter().all(|x| l.iter().any(|y| y == x)))
+                .fold((0.0, 0), |(v, k), (_, _, c)| {
+                    (v + *c.0.lock().unwrap(), k + c.1.load(SeqCst))
                 })
         }
 
@@ -2075,29 +2234,369 @@ mod metrics_feature {
         let ids = rec.ids();
         println!("metrics: {ids:?}");
         for (outcome, n) in buckets(&s) {
-            let (v, _) = rec.sum(&format!("background_tasks_ended_total{{outcome={outcome}"));
+            let (v, _) = rec.sum(
+                "background_tasks_ended_total",
+                &[&format!("outcome={outcome}")],
+            );
             assert_eq!(v, n as f64, "outcome {outcome}: {ids:?}");
         }
-        let (total, _) = rec.sum("background_tasks_ended_total{");
+        let (total, _) = rec.sum("background_tasks_ended_total", &[]);
         assert_eq!(total, s.total() as f64, "{ids:?}");
-        assert_eq!(rec.value("background_tasks_pending{}"), 0.0, "{ids:?}");
-        assert_eq!(rec.value("background_tasks_running{}"), 0.0, "{ids:?}");
+        assert_eq!(rec.sum("background_tasks_pending", &[]).0, 0.0, "{ids:?}");
+        assert_eq!(rec.sum("background_tasks_running", &[]).0, 0.0, "{ids:?}");
         let started = s.completed + s.failed + s.panicked;
         assert_eq!(
-            rec.sum("background_task_queued_seconds").1,
+            rec.sum("background_task_queued_seconds", &[]).1,
             started,
             "{ids:?}"
         );
-        assert_eq!(rec.sum("background_task_run_seconds").1, started, "{ids:?}");
         assert_eq!(
-            rec.value("background_tasks_ended_total{outcome=failed,task=err}"),
+            rec.sum("background_task_run_seconds", &[]).1,
+            started,
+            "{ids:?}"
+        );
+        assert_eq!(
+            rec.sum(
+                "background_tasks_ended_total",
+                &["outcome=failed", "task=err"]
+            )
+            .0,
             1.0,
             "{ids:?}"
         );
         assert_eq!(
-            rec.value("background_tasks_ended_total{outcome=replaced,task=dup}"),
+            rec.sum(
+                "background_tasks_ended_total",
+                &["outcome=replaced", "task=dup"]
+            )
+            .0,
             1.0,
             "{ids:?}"
+        );
+    }
+
+    /// After a shutdown that cancels a running task, a pending one, one
+    /// whose body still streams and one added after the close, the gauges
+    /// are back at zero and the ended counter agrees with `Stats`.
+    #[test]
+    fn metrics_gauges_return_to_zero_after_a_shutdown() {
+        let rec = Rec::default();
+        let _guard = metrics::set_default_local_recorder(&rec);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let handle = rt.block_on(async {
+            let ledger = Ledger::default();
+            let layer = BackgroundLayer::new().on_task_end(ledger.hook());
+            let handle = layer.handle();
+            let (started_tx, started_rx) = oneshot::channel();
+            let slot = Arc::new(Mutex::new(None));
+            let sl = slot.clone();
+            finish(&layer, 200, move |t| {
+                *sl.lock().unwrap() = Some(t.clone());
+                t.named("running").add(async move {
+                    let _ = started_tx.send(());
+                    std::future::pending::<()>().await
+                });
+                t.named("pending").add(async {});
+            })
+            .await;
+            within("running", started_rx).await.unwrap();
+            let (_tx, body) = ChannelBody::new();
+            let streaming = call(&layer, Response::new(body), |t| {
+                t.named("streaming").add(async {})
+            })
+            .await;
+            let report = within("shutdown", handle.shutdown(Duration::from_millis(10))).await;
+            assert_eq!(report.cancelled, 3, "{report:?}");
+            let tasks = slot.lock().unwrap().take().unwrap();
+            tasks.named("late").add(async {});
+            drop(streaming);
+            idle(&handle).await;
+            assert_books(&handle, &ledger, 4).await;
+            handle
+        });
+        drop(rt);
+        let s = handle.stats();
+        let ids = rec.ids();
+        println!("metrics after a shutdown: {ids:?}");
+        let (cancelled, _) = rec.sum("background_tasks_ended_total", &["outcome=cancelled"]);
+        assert_eq!(cancelled, s.cancelled as f64, "{ids:?}");
+        assert_eq!(rec.sum("background_tasks_pending", &[]).0, 0.0, "{ids:?}");
+        assert_eq!(rec.sum("background_tasks_running", &[]).0, 0.0, "{ids:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The `serde` feature
+// ---------------------------------------------------------------------------
+
+#[cfg(feature = "serde")]
+mod serde_feature {
+    use super::*;
+    use serde::ser::{self, Serialize, SerializeSeq, SerializeStruct, SerializeTuple};
+
+    /// What a value serializes to, for the shapes `Stats` and
+    /// `ShutdownReport` use.
+    #[derive(Debug, PartialEq)]
+    enum V {
+        U(u64),
+        S(String),
+        Seq(Vec<V>),
+        Struct(&'static str, Vec<(&'static str, V)>),
+    }
+
+    #[derive(Debug)]
+    struct E(String);
+
+    impl std::fmt::Display for E {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(&self.0)
+        }
+    }
+
+    impl std::error::Error for E {}
+
+    impl ser::Error for E {
+        fn custom<T: std::fmt::Display>(msg: T) -> Self {
+            E(msg.to_string())
+        }
+    }
+
+    struct Ser;
+    struct Items(Vec<V>);
+    struct Fields(&'static str, Vec<(&'static str, V)>);
+
+    fn unsupported<T>(what: &str) -> Result<T, E> {
+        Err(E(format!("unexpected {what}")))
+    }
+
+    impl ser::Serializer for Ser {
+        type Ok = V;
+        type Error = E;
+        type SerializeSeq = Items;
+        type SerializeTuple = Items;
+        type SerializeTupleStruct = ser::Impossible<V, E>;
+        type SerializeTupleVariant = ser::Impossible<V, E>;
+        type SerializeMap = ser::Impossible<V, E>;
+        type SerializeStruct = Fields;
+        type SerializeStructVariant = ser::Impossible<V, E>;
+
+        fn serialize_u64(self, v: u64) -> Result<V, E> {
+            Ok(V::U(v))
+        }
+        fn serialize_u32(self, v: u32) -> Result<V, E> {
+            Ok(V::U(v.into()))
+        }
+        fn serialize_str(self, v: &str) -> Result<V, E> {
+            Ok(V::S(v.to_owned()))
+        }
+        fn serialize_seq(self, _: Option<usize>) -> Result<Items, E> {
+            Ok(Items(Vec::new()))
+        }
+        fn serialize_tuple(self, _: usize) -> Result<Items, E> {
+            Ok(Items(Vec::new()))
+        }
+        fn serialize_struct(self, name: &'static str, _: usize) -> Result<Fields, E> {
+            Ok(Fields(name, Vec::new()))
+        }
+        fn serialize_bool(self, _: bool) -> Result<V, E> {
+            unsupported("bool")
+        }
+        fn serialize_i8(self, _: i8) -> Result<V, E> {
+            unsupported("i8")
+        }
+        fn serialize_i16(self, _: i16) -> Result<V, E> {
+            unsupported("i16")
+        }
+        fn serialize_i32(self, _: i32) -> Result<V, E> {
+            unsupported("i32")
+        }
+        fn serialize_i64(self, _: i64) -> Result<V, E> {
+            unsupported("i64")
+        }
+        fn serialize_u8(self, _: u8) -> Result<V, E> {
+            unsupported("u8")
+        }
+        fn serialize_u16(self, _: u16) -> Result<V, E> {
+            unsupported("u16")
+        }
+        fn serialize_f32(self, _: f32) -> Result<V, E> {
+            unsupported("f32")
+        }
+        fn serialize_f64(self, _: f64) -> Result<V, E> {
+            unsupported("f64")
+        }
+        fn serialize_char(self, _: char) -> Result<V, E> {
+            unsupported("char")
+        }
+        fn serialize_bytes(self, _: &[u8]) -> Result<V, E> {
+            unsupported("bytes")
+        }
+        fn serialize_none(self) -> Result<V, E> {
+            unsupported("none")
+        }
+        fn serialize_some<T: ?Sized + Serialize>(self, _: &T) -> Result<V, E> {
+            unsupported("some")
+        }
+        fn serialize_unit(self) -> Result<V, E> {
+            unsupported("unit")
+        }
+        fn serialize_unit_struct(self, _: &'static str) -> Result<V, E> {
+            unsupported("unit struct")
+        }
+        fn serialize_unit_variant(self, _: &'static str, _: u32, _: &'static str) -> Result<V, E> {
+            unsupported("unit variant")
+        }
+        fn serialize_newtype_struct<T: ?Sized + Serialize>(
+            self,
+            _: &'static str,
+            _: &T,
+        ) -> Result<V, E> {
+            unsupported("newtype struct")
+        }
+        fn serialize_newtype_variant<T: ?Sized + Serialize>(
+            self,
+            _: &'static str,
+            _: u32,
+            _: &'static str,
+            _: &T,
+        ) -> Result<V, E> {
+            unsupported("newtype variant")
+        }
+        fn serialize_tuple_struct(
+            self,
+            _: &'static str,
+            _: usize,
+        ) -> Result<Self::SerializeTupleStruct, E> {
+            unsupported("tuple struct")
+        }
+        fn serialize_tuple_variant(
+            self,
+            _: &'static str,
+            _: u32,
+            _: &'static str,
+            _: usize,
+        ) -> Result<Self::SerializeTupleVariant, E> {
+            unsupported("tuple variant")
+        }
+        fn serialize_map(self, _: Option<usize>) -> Result<Self::SerializeMap, E> {
+            unsupported("map")
+        }
+        fn serialize_struct_variant(
+            self,
+            _: &'static str,
+            _: u32,
+            _: &'static str,
+            _: usize,
+        ) -> Result<Self::SerializeStructVariant, E> {
+            unsupported("struct variant")
+        }
+    }
+
+    impl SerializeSeq for Items {
+        type Ok = V;
+        type Error = E;
+        fn serialize_element<T: ?Sized + Serialize>(&mut self, v: &T) -> Result<(), E> {
+            self.0.push(v.serialize(Ser)?);
+            Ok(())
+        }
+        fn end(self) -> Result<V, E> {
+            Ok(V::Seq(self.0))
+        }
+    }
+
+    impl SerializeTuple for Items {
+        type Ok = V;
+        type Error = E;
+        fn serialize_element<T: ?Sized + Serialize>(&mut self, v: &T) -> Result<(), E> {
+            self.0.push(v.serialize(Ser)?);
+            Ok(())
+        }
+        fn end(self) -> Result<V, E> {
+            Ok(V::Seq(self.0))
+        }
+    }
+
+    impl SerializeStruct for Fields {
+        type Ok = V;
+        type Error = E;
+        fn serialize_field<T: ?Sized + Serialize>(
+            &mut self,
+            key: &'static str,
+            v: &T,
+        ) -> Result<(), E> {
+            self.1.push((key, v.serialize(Ser)?));
+            Ok(())
+        }
+        fn end(self) -> Result<V, E> {
+            Ok(V::Struct(self.0, self.1))
+        }
+    }
+
+    /// `Stats` serializes every documented field with its value, and
+    /// `ShutdownReport` its counts and its cancelled tasks per name, after a
+    /// shutdown that cancelled named tasks.
+    #[tokio::test]
+    async fn stats_and_the_shutdown_report_serialize_every_field() {
+        let layer = BackgroundLayer::new().max_tasks_per_request(2);
+        let handle = layer.handle();
+        let (started_tx, started_rx) = oneshot::channel();
+        finish(&layer, 200, move |t| {
+            t.named("invoice").add(async move {
+                let _ = started_tx.send(());
+                std::future::pending::<()>().await
+            });
+            t.named("audit").add(async {});
+            t.add(async {}); // refused
+        })
+        .await;
+        within("invoice", started_rx).await.unwrap();
+        let report = within("shutdown", handle.shutdown(Duration::from_millis(10))).await;
+        idle(&handle).await;
+        let s = handle.stats();
+        let u = |n: u64| V::U(n);
+        assert_eq!(
+            s.serialize(Ser).unwrap(),
+            V::Struct(
+                "Stats",
+                vec![
+                    ("pending", u(s.pending)),
+                    ("running", u(s.running)),
+                    ("completed", u(s.completed)),
+                    ("failed", u(s.failed)),
+                    ("panicked", u(s.panicked)),
+                    ("timed_out", u(s.timed_out)),
+                    ("discarded", u(s.discarded)),
+                    ("cancelled", u(2)),
+                    ("skipped", u(s.skipped)),
+                    ("refused", u(1)),
+                    ("replaced", u(s.replaced)),
+                ]
+            )
+        );
+        let pair = |name: &str, n: u64| V::Seq(vec![V::S(name.to_owned()), V::U(n)]);
+        let V::Struct(name, fields) = report.serialize(Ser).unwrap() else {
+            panic!("ShutdownReport is not a struct");
+        };
+        assert_eq!(name, "ShutdownReport");
+        let mut fields = fields;
+        if let Some((_, V::Seq(by_name))) =
+            fields.iter_mut().find(|(k, _)| *k == "cancelled_by_name")
+        {
+            by_name.sort_by_key(|v| format!("{v:?}"));
+        }
+        assert_eq!(
+            fields,
+            vec![
+                ("completed", u(0)),
+                ("cancelled", u(2)),
+                (
+                    "cancelled_by_name",
+                    V::Seq(vec![pair("audit", 1), pair("invoice", 1)])
+                ),
+            ]
         );
     }
 }
