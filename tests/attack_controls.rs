@@ -722,6 +722,152 @@ async fn coalesce_a_chain_that_re_adds_its_own_key_runs_every_link() {
     assert_books(&handle, &ledger, 21).await;
 }
 
+/// Ways a keyed task can end without starting after it may have claimed
+/// its key: taken back by `forget` or replaced by name after a late add
+/// (from a running task of its request), refused by the cap, or skipped.
+/// In each case the key must be free again afterwards: a later request's
+/// task of that key runs instead of merging into a task that will never
+/// run.
+#[tokio::test]
+async fn coalesce_no_key_outlives_a_task_that_ends_without_starting() {
+    let ledger = Ledger::default();
+    let layer = BackgroundLayer::new()
+        .max_tasks_per_request(3)
+        .on_task_end(ledger.hook());
+    let handle = layer.handle();
+    let mut added = 0;
+    let mut stuck = Vec::new();
+
+    // The next request's keyed task runs (the key is free).
+    async fn key_is_free(layer: &BackgroundLayer, handle: &BackgroundHandle, key: &str) -> bool {
+        let (tx, rx) = oneshot::channel();
+        let key = key.to_owned();
+        finish(layer, 200, move |t| {
+            t.options().coalesce(key).add(async move {
+                let _ = tx.send(());
+            })
+        })
+        .await;
+        idle(handle).await;
+        rx.await.is_ok()
+    }
+
+    // Late add from a running task, then forget.
+    let (tx, rx) = oneshot::channel();
+    finish(&layer, 200, |t| {
+        let me = t.clone();
+        t.add(async move {
+            me.named("x").coalesce("k-forget").add(async {});
+            let _ = tx.send(me.forget("x"));
+        })
+    })
+    .await;
+    let forgot = within("the running task", rx).await.unwrap();
+    idle(&handle).await;
+    added += 3;
+    if !key_is_free(&layer, &handle, "k-forget").await {
+        stuck.push(format!("forget (returned {forgot})"));
+    }
+
+    // Late add from a running task, then a replacement by name.
+    finish(&layer, 200, |t| {
+        let me = t.clone();
+        t.add(async move {
+            me.named("x").coalesce("k-replace").add(async {});
+            me.named("x").add(async {});
+        })
+    })
+    .await;
+    idle(&handle).await;
+    added += 4;
+    if !key_is_free(&layer, &handle, "k-replace").await {
+        stuck.push("replace".to_owned());
+    }
+
+    // Refused by the cap.
+    finish(&layer, 200, |t| {
+        for _ in 0..3 {
+            t.add(async {});
+        }
+        t.options().coalesce("k-refused").add(async {});
+    })
+    .await;
+    idle(&handle).await;
+    added += 5;
+    if !key_is_free(&layer, &handle, "k-refused").await {
+        stuck.push("refused".to_owned());
+    }
+
+    // Skipped (late add to a 500).
+    let slot = Arc::new(Mutex::new(None));
+    let sl = slot.clone();
+    finish(&layer, 500, move |t| *sl.lock().unwrap() = Some(t.clone())).await;
+    let tasks = slot.lock().unwrap().take().unwrap();
+    tasks.options().coalesce("k-skipped").add(async {});
+    idle(&handle).await;
+    added += 2;
+    if !key_is_free(&layer, &handle, "k-skipped").await {
+        stuck.push("skipped".to_owned());
+    }
+
+    assert!(
+        stuck.is_empty(),
+        "a key stayed claimed by a task that never runs, after: {stuck:?} ({:?})",
+        handle.stats()
+    );
+    assert_books(&handle, &ledger, added).await;
+}
+
+/// The runtime that runs a layer's tasks goes away while a keyed task holds
+/// its key and waits for a permit (a test that builds a runtime per case, a
+/// server that restarts its runtime): the task is counted cancelled, and on
+/// the next runtime the key and the permit are free again.
+#[test]
+fn coalesce_a_key_held_when_the_runtime_goes_away_is_free_on_the_next() {
+    let ledger = Ledger::default();
+    let layer = BackgroundLayer::new()
+        .max_concurrent_tasks(1)
+        .on_task_end(ledger.hook());
+    let handle = layer.handle();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let _gate = blocker(&layer).await;
+        finish(&layer, 200, |t| t.options().coalesce("k").add(async {})).await;
+        finish(&layer, 200, |t| t.options().coalesce("k").add(async {})).await;
+        let s = handle.stats();
+        assert_eq!((s.running, s.pending, s.replaced), (1, 1, 1), "{s:?}");
+    });
+    drop(rt);
+    let s = handle.stats();
+    println!("after the runtime went away: {s:?}");
+    assert_eq!((s.pending, s.running), (0, 0), "{s:?}");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let ran = rt.block_on(async {
+        let (tx, rx) = oneshot::channel();
+        finish(&layer, 200, move |t| {
+            t.options().coalesce("k").add(async move {
+                let _ = tx.send(());
+            })
+        })
+        .await;
+        let ran = tokio::time::timeout(Duration::from_secs(2), rx).await;
+        idle(&handle).await;
+        assert_books(&handle, &ledger, 4).await;
+        ran
+    });
+    assert!(
+        matches!(ran, Ok(Ok(()))),
+        "the key or the permit stayed taken by a task of the dead runtime: {:?}",
+        handle.stats()
+    );
+}
+
 // ---------------------------------------------------------------------------
 // The hook
 // ---------------------------------------------------------------------------
@@ -1073,6 +1219,114 @@ async fn pending_bound_slow_readers_fill_the_backlog_and_free_it_when_they_leave
     assert_eq!(s.completed, 3, "the slow readers' tasks ran: {s:?}");
     server.graceful_shutdown().await;
     assert_books(&handle, &ledger, 3).await;
+}
+
+/// An HTTP/2 flood: 150 concurrent streams on one connection against
+/// `LoadShedLayer` over `max_pending_tasks(16)`, two permits held by tasks
+/// waiting on a gate, one task allowed per request (the second refused).
+/// Every stream gets a 202 or a 503 at once, the pending tasks never exceed
+/// the bound by more than the requests in the handler at the same instant
+/// (one per worker thread), and once the gate opens every accepted task
+/// runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_bound_under_an_h2_flood_of_concurrent_streams() {
+    const STREAMS: usize = 150;
+    const BOUND: u64 = 16;
+    let ledger = Ledger::default();
+    let layer = BackgroundLayer::new()
+        .max_concurrent_tasks(2)
+        .max_pending_tasks(BOUND as usize)
+        .max_tasks_per_request(1)
+        .on_task_end(ledger.hook());
+    let handle = layer.handle();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let g = gate.clone();
+    let svc = ServiceBuilder::new()
+        .map_result(
+            |r: Result<Response<_>, tower::BoxError>| -> Result<Response<BoxBody>, tower::BoxError> {
+                Ok(match r {
+                    Ok(res) => res.map(|b: tower_background::BackgroundBody<BoxBody>| {
+                        b.boxed_unsync()
+                    }),
+                    Err(_) => {
+                        let mut res = Response::new(full("overloaded"));
+                        *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                        res
+                    }
+                })
+            },
+        )
+        .load_shed()
+        .layer(layer.clone())
+        .service_fn(move |req: Request<Incoming>| {
+            let t = req.extensions().get::<BackgroundTasks>().unwrap().clone();
+            let g = g.clone();
+            t.add(async move {
+                g.acquire().await.unwrap().forget();
+            });
+            t.add(async {}); // refused
+            let mut res = Response::new(full("accepted"));
+            *res.status_mut() = StatusCode::ACCEPTED;
+            std::future::ready(Ok::<_, Infallible>(res))
+        });
+    let server = Server::start(svc).await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = tokio::spawn({
+        let (handle, stop) = (handle.clone(), stop.clone());
+        async move {
+            let mut max = 0;
+            while !stop.load(SeqCst) {
+                max = max.max(handle.stats().pending);
+                tokio::task::yield_now().await;
+            }
+            max
+        }
+    });
+    let client = h2_client(server.addr).await;
+    let mut streams = tokio::task::JoinSet::new();
+    for _ in 0..STREAMS {
+        let mut client = client.clone();
+        streams.spawn(async move {
+            client = client.ready().await.unwrap();
+            let req = Request::post("http://attack/work").body(()).unwrap();
+            let (response, _stream) = client.send_request(req, true).unwrap();
+            let res = response.await.unwrap();
+            let status = res.status();
+            let mut body = res.into_body();
+            while let Some(chunk) = body.data().await {
+                chunk.unwrap();
+            }
+            status
+        });
+    }
+    let (mut accepted, mut shed) = (0u64, 0u64);
+    within("every stream's answer", async {
+        while let Some(status) = streams.join_next().await {
+            match status.unwrap() {
+                StatusCode::ACCEPTED => accepted += 1,
+                StatusCode::SERVICE_UNAVAILABLE => shed += 1,
+                other => panic!("unexpected status {other}"),
+            }
+        }
+    })
+    .await;
+    stop.store(true, SeqCst);
+    let max_pending = within("the sampler", sampler).await.unwrap();
+    let s = handle.stats();
+    println!("h2 flood: {accepted} accepted, {shed} shed, max pending {max_pending}, {s:?}");
+    assert_eq!(accepted + shed, STREAMS as u64);
+    assert!(shed > 0, "the bound shed nothing");
+    assert!(
+        max_pending <= BOUND + 2,
+        "pending reached {max_pending} with a bound of {BOUND}"
+    );
+    assert_eq!(s.refused, accepted, "{s:?}");
+    gate.add_permits(STREAMS);
+    idle(&handle).await;
+    let s = handle.stats();
+    assert_eq!(s.completed, accepted, "every accepted task ran: {s:?}");
+    server.graceful_shutdown().await;
+    assert_books(&handle, &ledger, 2 * accepted).await;
 }
 
 // ---------------------------------------------------------------------------
