@@ -2060,6 +2060,185 @@ async fn hook_queued_and_ran_say_whether_the_task_started() {
     assert_books(&handle, &ledger, 12).await;
 }
 
+/// With `Execution::Sequential`, a task added after the request's tasks
+/// had all ended gets a budget of its own (its run is new).
+#[tokio::test(start_paused = true)]
+async fn budget_of_a_late_add_after_the_run_ended_is_fresh() {
+    let ledger = Ledger::default();
+    let layer = BackgroundLayer::new()
+        .request_time_budget(Duration::from_secs(1))
+        .on_task_end(ledger.hook());
+    let handle = layer.handle();
+    let slot = Arc::new(Mutex::new(None));
+    let sl = slot.clone();
+    finish(&layer, 200, move |t| {
+        *sl.lock().unwrap() = Some(t.clone());
+        t.add(tokio::time::sleep(Duration::from_millis(900)));
+    })
+    .await;
+    idle(&handle).await;
+    let tasks = slot.lock().unwrap().take().unwrap();
+    tasks.add(tokio::time::sleep(Duration::from_millis(900)));
+    idle(&handle).await;
+    let s = handle.stats();
+    assert_eq!((s.completed, s.timed_out), (2, 0), "{s:?}");
+    assert_books(&handle, &ledger, 2).await;
+}
+
+/// `shutdown` returns as soon as nothing is left, well before its grace,
+/// and reports as completed only the tasks that completed while it waited
+/// (not a failure, not what ended before the call).
+#[tokio::test]
+async fn shutdown_returns_early_and_counts_only_what_completed_meanwhile() {
+    let ledger = Ledger::default();
+    let layer = BackgroundLayer::new().on_task_end(ledger.hook());
+    let handle = layer.handle();
+    finish(&layer, 200, |t| t.add(async {})).await;
+    idle(&handle).await;
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let g = gate.clone();
+    let (started_tx, mut started_rx) = tokio::sync::mpsc::unbounded_channel();
+    finish(&layer, 200, move |t| {
+        for i in 0..4 {
+            let (g, started) = (g.clone(), started_tx.clone());
+            t.options().run_policy(RunPolicy::Always).add(async move {
+                let _ = started.send(());
+                g.acquire().await.unwrap().forget();
+                if i == 3 {
+                    Err("the last one fails")
+                } else {
+                    Ok(())
+                }
+            });
+        }
+    })
+    .await;
+    within("the first task", started_rx.recv()).await.unwrap();
+    let t0 = std::time::Instant::now();
+    let shutdown = tokio::spawn({
+        let handle = handle.clone();
+        async move { handle.shutdown(Duration::from_secs(30)).await }
+    });
+    gate.add_permits(4);
+    let report = within("shutdown", shutdown).await.unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    assert_eq!((report.completed, report.cancelled), (3, 0), "{report:?}");
+    assert_books(&handle, &ledger, 5).await;
+}
+
+/// The hook gets the request's method and path (never the query) for every
+/// task, whatever it ended as: run, refused, replaced, merged, added late,
+/// cancelled after the close.
+#[tokio::test]
+async fn hook_sees_the_request_s_method_and_path_for_every_ending() {
+    type Seen = Vec<(&'static str, Option<String>, Option<String>)>;
+    let seen: Arc<Mutex<Seen>> = Arc::default();
+    let s = seen.clone();
+    let layer = BackgroundLayer::new()
+        .max_concurrent_tasks(1)
+        .max_tasks_per_request(3)
+        .on_task_end(move |end| {
+            s.lock().unwrap().push((
+                end.outcome.as_str(),
+                end.method.map(|m| m.to_string()),
+                end.path.map(str::to_owned),
+            ));
+        });
+    let handle = layer.handle();
+    let slot = Arc::new(Mutex::new(None));
+    let gate = blocker(&layer).await;
+    let send = |path: &'static str, slot: Arc<Mutex<Option<BackgroundTasks>>>| {
+        let svc = layer.layer(service_fn(move |req: Request<()>| {
+            let t = req.extensions().get::<BackgroundTasks>().unwrap().clone();
+            *slot.lock().unwrap() = Some(t.clone());
+            t.named("n").add(async {});
+            t.named("n").add(async {});
+            t.options().coalesce("k").add(async {});
+            t.add(async {}); // refused
+            std::future::ready(Ok::<_, Infallible>(ok()))
+        }));
+        async move {
+            let req = Request::put(path).body(()).unwrap();
+            svc.oneshot(req)
+                .await
+                .unwrap()
+                .into_body()
+                .collect()
+                .await
+                .unwrap();
+        }
+    };
+    send("/a/b?secret=1", slot.clone()).await;
+    send("/c?secret=2", Arc::default()).await;
+    gate.notify_one();
+    idle(&handle).await;
+    let tasks = slot.lock().unwrap().take().unwrap();
+    tasks.add(async {}); // late: refused (over the cap)
+    let report = within("shutdown", handle.shutdown(Duration::ZERO)).await;
+    assert_eq!(report.cancelled, 0);
+    let late = slot.lock().unwrap().take();
+    assert!(late.is_none());
+    idle(&handle).await;
+    let seen = seen.lock().unwrap().clone();
+    println!("hook paths: {seen:?}");
+    assert_eq!(seen.len(), 1 + 2 * 4 + 1, "{seen:?}");
+    for (outcome, method, path) in &seen {
+        if method.is_none() && path.is_none() && *outcome == "cancelled" {
+            continue;
+        }
+        assert!(
+            path.as_deref().is_some_and(|p| !p.contains('?')),
+            "{outcome}: path {path:?}"
+        );
+    }
+    let with_path = |p: &str| {
+        seen.iter()
+            .filter(|(_, m, path)| path.as_deref() == Some(p) && m.as_deref() == Some("PUT"))
+            .count()
+    };
+    assert_eq!(with_path("/a/b"), 5, "{seen:?}");
+    assert_eq!(with_path("/c"), 4, "{seen:?}");
+}
+
+/// A name and a coalescing key with the same text do not interact, and a
+/// keyed task replaced by name before its response ended never claims its
+/// key.
+#[tokio::test]
+async fn names_and_keys_are_separate_and_a_replaced_keyed_task_claims_nothing() {
+    let ledger = Ledger::default();
+    let layer = BackgroundLayer::new()
+        .max_concurrent_tasks(1)
+        .on_task_end(ledger.hook());
+    let handle = layer.handle();
+    let log = Log::default();
+    let gate = blocker(&layer).await;
+    let l = log.clone();
+    finish(&layer, 200, move |t| {
+        t.named("same").add(l.task("named same"));
+        t.named("x").coalesce("same").add(l.task("keyed, replaced"));
+        t.named("x").add(l.task("x without key"));
+    })
+    .await;
+    let l = log.clone();
+    finish(&layer, 200, move |t| {
+        t.options()
+            .coalesce("same")
+            .add(l.task("keyed in another request"))
+    })
+    .await;
+    gate.notify_one();
+    idle(&handle).await;
+    // (Between two tasks of one request, the permit goes to the next
+    // request waiting for it: the order across requests is free.)
+    let mut ran = log.get();
+    ran.sort();
+    assert_eq!(
+        ran,
+        ["keyed in another request", "named same", "x without key"]
+    );
+    assert_books(&handle, &ledger, 5).await;
+}
+
 // ---------------------------------------------------------------------------
 // Stats under churn
 // ---------------------------------------------------------------------------
