@@ -1329,6 +1329,58 @@ async fn pending_bound_under_an_h2_flood_of_concurrent_streams() {
     assert_books(&handle, &ledger, 2 * accepted).await;
 }
 
+/// An HTTP/1.1 client that reads the first chunk of a stalled download and
+/// goes away: the server notices, the body is dropped as `Aborted`, and the
+/// tasks it held (pending, so counted against `max_pending_tasks`) run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_bound_an_http1_client_leaving_a_stalled_download_frees_its_tasks() {
+    let ledger = Ledger::default();
+    let layer = BackgroundLayer::new()
+        .max_pending_tasks(2)
+        .on_task_end(ledger.hook());
+    let handle = layer.handle();
+    let (seen_tx, seen_rx) = tokio::sync::mpsc::unbounded_channel();
+    let svc = layer.layer(service_fn(move |req: Request<Incoming>| {
+        let t = req.extensions().get::<BackgroundTasks>().unwrap().clone();
+        t.add(async {});
+        let seen = seen_tx.clone();
+        t.add_with(move |done: Completion| async move {
+            let _ = seen.send(done.outcome());
+        });
+        std::future::ready(Ok::<_, Infallible>(Response::new(never_ending())))
+    }));
+    let server = Server::start(svc).await;
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    stream
+        .write_all(b"GET /download HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let mut got = Vec::new();
+    for _ in 0..100 {
+        if String::from_utf8_lossy(&got).contains("first chunk") {
+            break;
+        }
+        let n = within("the first chunk", stream.read(&mut buf))
+            .await
+            .unwrap();
+        assert!(n > 0, "closed early");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(handle.stats().pending, 2, "the backlog is full");
+    drop(stream);
+    idle(&handle).await;
+    let mut seen_rx = seen_rx;
+    assert_eq!(
+        within("add_with", seen_rx.recv()).await,
+        Some(Outcome::Aborted)
+    );
+    let s = handle.stats();
+    assert_eq!(s.completed, 2, "{s:?}");
+    server.graceful_shutdown().await;
+    assert_books(&handle, &ledger, 2).await;
+}
+
 // ---------------------------------------------------------------------------
 // The time budget
 // ---------------------------------------------------------------------------
