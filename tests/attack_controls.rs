@@ -868,6 +868,64 @@ fn coalesce_a_key_held_when_the_runtime_goes_away_is_free_on_the_next() {
     );
 }
 
+/// Outputs that explode in the runner's hands: an `Err` whose `Display`
+/// panics (the runner formats it for the log, the hook and the count), an
+/// `Ok` value whose `Drop` panics, from async tasks and from blocking
+/// closures. Each task is counted once (failed or panicked), the request's
+/// next task still runs, and the layer becomes idle.
+#[tokio::test]
+async fn outputs_whose_display_or_drop_panics_are_counted_and_the_next_task_runs() {
+    struct BadDisplay;
+    impl std::fmt::Display for BadDisplay {
+        fn fmt(&self, _: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            panic!("Display exploded")
+        }
+    }
+    struct BadDrop;
+    impl Drop for BadDrop {
+        fn drop(&mut self) {
+            if !std::thread::panicking() {
+                panic!("Drop of the output exploded")
+            }
+        }
+    }
+    let ledger = Ledger::default();
+    let layer = BackgroundLayer::new().on_task_end(ledger.hook());
+    let handle = layer.handle();
+    let log = Log::default();
+    let l = log.clone();
+    finish(&layer, 200, move |t| {
+        t.named("bad-display")
+            .add(async { Err::<(), _>(BadDisplay) });
+        t.add(l.task("after bad display"));
+        t.named("bad-drop").add(async { Ok::<_, String>(BadDrop) });
+        t.add(l.task("after bad drop"));
+        t.named("blocking-bad-display")
+            .add_blocking(|| Err::<(), _>(BadDisplay));
+        t.add(l.task("after blocking bad display"));
+        t.named("blocking-bad-drop")
+            .add_blocking(|| Ok::<_, String>(BadDrop));
+        t.add(l.task("after blocking bad drop"));
+    })
+    .await;
+    let idle = tokio::time::timeout(Duration::from_secs(5), handle.wait_idle()).await;
+    let s = handle.stats();
+    assert!(idle.is_ok(), "never idle: ran {:?}, {s:?}", log.get());
+    assert_eq!(
+        log.get(),
+        [
+            "after bad display",
+            "after bad drop",
+            "after blocking bad display",
+            "after blocking bad drop"
+        ],
+        "{s:?}"
+    );
+    println!("exploding outputs: {s:?}, hook {:?}", ledger.get());
+    assert_eq!(s.completed + s.failed + s.panicked, 8, "{s:?}");
+    assert_books(&handle, &ledger, 8).await;
+}
+
 // ---------------------------------------------------------------------------
 // The hook
 // ---------------------------------------------------------------------------
