@@ -2563,6 +2563,46 @@ async fn a_hook_that_panics_at_every_ending_reaches_no_caller() {
     assert_books(&handle, &ledger, 9).await;
 }
 
+/// A handler that panics after adding tasks (no `CatchPanicLayer`), with a
+/// hook that panics and a task whose `Drop` panics: the discard runs while
+/// the handler's panic unwinds, and the nested panics stay inside (no
+/// abort); both tasks are counted discarded and the hook saw them.
+#[tokio::test]
+async fn a_panicking_handler_with_a_panicking_hook_and_drop_does_not_abort() {
+    struct PanicOnDrop;
+    impl Drop for PanicOnDrop {
+        fn drop(&mut self) {
+            panic!("drop exploded (unwinding: {})", std::thread::panicking());
+        }
+    }
+    let ledger = Ledger::default();
+    let lg = ledger.clone();
+    let layer = BackgroundLayer::new().on_task_end(move |end| {
+        lg.record(end);
+        panic!("hook exploded");
+    });
+    let handle = layer.handle();
+    let svc = layer.layer(service_fn(|req: Request<()>| {
+        let t = req.extensions().get::<BackgroundTasks>().unwrap().clone();
+        let bomb = PanicOnDrop;
+        t.add(async move {
+            let _bomb = bomb;
+        });
+        t.add(async {});
+        async move {
+            if true {
+                panic!("handler exploded");
+            }
+            Ok::<_, Infallible>(ok())
+        }
+    }));
+    let joined = tokio::spawn(svc.oneshot(Request::new(()))).await;
+    assert!(joined.unwrap_err().is_panic());
+    idle(&handle).await;
+    assert_eq!(handle.stats().discarded, 2);
+    assert_books(&handle, &ledger, 2).await;
+}
+
 /// A task that calls `shutdown` on its own layer: the grace runs out
 /// waiting for the task itself, the close cancels it, and nothing hangs;
 /// `wait_idle` resolves and the task is counted cancelled once.
