@@ -926,6 +926,62 @@ async fn outputs_whose_display_or_drop_panics_are_counted_and_the_next_task_runs
     assert_books(&handle, &ledger, 8).await;
 }
 
+/// Memory stays flat: the future of a task that will never run is dropped
+/// when its fate is decided (refused, forgotten, merged into a pending task
+/// of its key, skipped), not kept until its request goes away. 5,000
+/// requests coalesce onto one key behind a held permit, each also adding a
+/// refused and a forgotten task while its handler still holds the queue.
+#[tokio::test]
+async fn futures_of_tasks_that_never_run_are_dropped_at_once() {
+    const REQUESTS: u64 = 5_000;
+    let ledger = Ledger::default();
+    let layer = BackgroundLayer::new()
+        .max_concurrent_tasks(1)
+        .max_tasks_per_request(2)
+        .on_task_end(ledger.hook());
+    let handle = layer.handle();
+    let live = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let gate = blocker(&layer).await;
+    let keep = Arc::new(Mutex::new(Vec::new()));
+    for i in 0..REQUESTS {
+        let (l, p, k) = (live.clone(), peak.clone(), keep.clone());
+        let code = if i % 10 == 9 { 500 } else { 200 };
+        finish(&layer, code, move |t| {
+            let guard = Live::new(&l);
+            t.options().coalesce("k").add(async move {
+                let _guard = guard;
+            });
+            let guard = Live::new(&l);
+            t.named("f").add(async move {
+                let _guard = guard;
+            });
+            assert_eq!(t.forget("f"), 1);
+            let guard = Live::new(&l);
+            t.add(async move {
+                let _guard = guard;
+            }); // refused: the third add
+            p.fetch_max(l.load(SeqCst), SeqCst);
+            k.lock().unwrap().push(t.clone()); // the queue outlives the request
+        })
+        .await;
+        peak.fetch_max(live.load(SeqCst), SeqCst);
+    }
+    let s = handle.stats();
+    assert!(
+        peak.load(SeqCst) <= 3,
+        "tasks that never run were kept: {} alive at the peak, {s:?}",
+        peak.load(SeqCst)
+    );
+    gate.notify_one();
+    idle(&handle).await;
+    assert_eq!(live.load(SeqCst), 0);
+    let s = handle.stats();
+    assert_eq!(s.completed, 2, "the blocker and the key's task: {s:?}");
+    drop(keep);
+    assert_books(&handle, &ledger, 1 + 3 * REQUESTS).await;
+}
+
 // ---------------------------------------------------------------------------
 // The hook
 // ---------------------------------------------------------------------------
