@@ -510,9 +510,20 @@ impl TaskList {
 }
 
 impl Drop for TaskList {
+    #[inline]
     fn drop(&mut self) {
-        // One task at a time (no recursion through the links), each drop
-        // guarded.
+        // Most lists are empty when dropped (taken, or handed on).
+        if self.head.is_some() {
+            self.drop_tasks();
+        }
+    }
+}
+
+impl TaskList {
+    /// One task at a time (no recursion through the links), each drop
+    /// guarded.
+    #[inline(never)]
+    fn drop_tasks(&mut self) {
         while let Some(job) = self.pop() {
             drop_guarded(job);
         }

@@ -182,7 +182,7 @@
 //! |---|---|---|
 //! | `axum` | off | [`BackgroundTasks`] is an axum extractor, and axum's `MatchedPath` is a task's [`route`](TaskEnd::route) (depends on `axum-core` and on `axum` without its default features) |
 //! | `serde` | off | `Serialize` for [`Stats`] and [`ShutdownReport`], so a `/stats` route is one line |
-//! | `metrics` | off | through the [`metrics`](https://docs.rs/metrics) facade: the counter `background_tasks_ended_total` (label `outcome`, the [`Stats`] field), the gauges `background_tasks_pending` and `background_tasks_running`, the histograms `background_task_queued_seconds` (added to started) and `background_task_run_seconds`. The counter and the histograms also have the label `task` where the task has a name, and `route` where the request matched an axum route (with the `axum` feature, the layer added with `Router::layer`): the template, never the raw path, which is unbounded |
+//! | `metrics` | off | through the [`metrics`](https://docs.rs/metrics) facade: the counter `background_tasks_ended_total` (label `outcome`, the [`Stats`] field), the gauges `background_tasks_pending` and `background_tasks_running`, the histograms `background_task_queued_seconds` (added to started) and `background_task_run_seconds`. The counter and the histograms also have the label `task` where the task has a name, and `route` where the request matched an axum route (with the `axum` feature, the layer added with `Router::layer`): the template, never the raw path, which is unbounded. With both features, a request that matched a route keeps a copy of its method, URI and route from its arrival (one allocation), as an `on_task_end` hook makes it do |
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![forbid(unsafe_code)]

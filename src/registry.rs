@@ -276,10 +276,20 @@ impl Registry {
 
     /// Whether a service may take a request: `Pending` while
     /// `max_pending_tasks` tasks are pending (woken when one starts or ends).
+    #[inline]
     pub(crate) fn poll_room(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
-        let Some(backlog) = self.backlog.get() else {
-            return std::task::Poll::Ready(());
-        };
+        match self.backlog.get() {
+            None => std::task::Poll::Ready(()),
+            Some(backlog) => self.poll_backlog(backlog, cx),
+        }
+    }
+
+    #[inline(never)]
+    fn poll_backlog(
+        &self,
+        backlog: &Backlog,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
         let full = || backlog.pending.load(SeqCst) >= backlog.limit && !self.is_closed();
         if !full() {
             return std::task::Poll::Ready(());

@@ -195,11 +195,6 @@ pub(crate) struct RequestQueue {
 struct QueueState {
     /// Tasks not taken by a runner yet; newest first.
     waiting: TaskList,
-    /// Tasks a runner handed back when it had to wait for permits, oldest
-    /// first and older than every task of `waiting`: kept in this order so
-    /// that a request served a few permits at a time gives up its next task
-    /// without walking the others.
-    ready: TaskList,
     /// The drain token is held: by a runner that takes the next tasks, or by
     /// the request's entry in the FIFO of the layer's limit.
     drainer: bool,
@@ -224,15 +219,20 @@ struct ParkedRun {
     runtime: Option<Handle>,
     /// The end of its time budget, if its first task started.
     budget_end: Option<Instant>,
+    /// The tasks its runner handed back when it had to wait, oldest first
+    /// and older than every task of `waiting`: kept in this order so that a
+    /// request served a few permits at a time gives up its next task without
+    /// walking the others.
+    ready: TaskList,
 }
 
 impl QueueState {
     /// Every task not taken by a runner, oldest first.
     fn take_all(&mut self) -> TaskList {
-        if self.ready.is_empty() {
-            return self.waiting.take().reversed();
-        }
-        let mut all = self.ready.take();
+        let mut all = match &mut self.parked {
+            Some(parked) if !parked.ready.is_empty() => parked.ready.take(),
+            _ => return self.waiting.take().reversed(),
+        };
         if !self.waiting.is_empty() {
             all.concat(self.waiting.take().reversed());
         }
@@ -240,7 +240,11 @@ impl QueueState {
     }
 
     fn is_empty(&self) -> bool {
-        self.waiting.is_empty() && self.ready.is_empty()
+        self.waiting.is_empty()
+            && self
+                .parked
+                .as_ref()
+                .is_none_or(|parked| parked.ready.is_empty())
     }
 }
 
@@ -603,7 +607,9 @@ impl RequestQueue {
                 "background tasks merged into pending tasks with the same coalescing key"
             );
         }
-        self.discard_on_abort(dropped);
+        if !dropped.is_empty() {
+            self.discard_on_abort(dropped);
+        }
         if let Some(batch) = batch {
             let mut runner = Runner::new(self.clone(), completion, batch, 0);
             // Permits are taken now, in the order requests end, not when the
@@ -656,6 +662,7 @@ impl Parked for RequestQueue {
     fn cancel(self: Arc<Self>) {
         let mut state = self.lock();
         let waiting = state.take_all();
+        state.parked = None;
         state.drainer = false;
         drop(state);
         self.forget(waiting, Ending::Cancelled);
@@ -869,24 +876,19 @@ impl Runner {
                 self.permits += 1;
                 continue;
             }
-            // Hand the tasks without a permit back first, in order, so that
-            // a resume of the request finds them.
+            // The tasks without a permit, older than anything the request
+            // holds (we hold its drain token, so nobody else took from it).
+            // Under the request's lock until they are parked with it, so
+            // that a resume of the request finds them.
             let mut state = self.queue.lock();
+            debug_assert!(state.parked.is_none(), "a request parks once at a time");
             let rest = self.batch.split_off(self.permits);
-            // Older than anything the request holds (we hold its drain token,
-            // so nobody else took from it): they go in front, in order.
-            if state.ready.is_empty() {
-                state.ready = rest;
-            } else {
-                let mut rest = rest;
-                rest.concat(state.ready.take());
-                state.ready = rest;
-            }
             // Served in part: the rest keeps the request's place at the head.
             let front = self.permits > 0;
             match limit.acquire_or_park(|| self.queue.clone(), front) {
                 Acquired::Permit => {
                     self.permits += 1;
+                    self.batch.concat(rest);
                     self.batch.concat(state.take_all());
                 }
                 Acquired::Parked => {
@@ -896,6 +898,7 @@ impl Runner {
                             .ok()
                             .or_else(|| self.queue.shared.runtime.get().cloned()),
                         budget_end: self.budget_end(),
+                        ready: rest,
                     }));
                     self.drains = false;
                     return self.permits > 0;
@@ -1242,6 +1245,6 @@ mod tests {
             "the runner grew to {runner} bytes (over 120, tokio moves its stage with memcpy calls)"
         );
         assert!(task <= 80, "a plain task grew to {task} bytes");
-        assert!(queue <= 112, "a request's queue grew to {queue} bytes");
+        assert!(queue <= 88, "a request's queue grew to {queue} bytes");
     }
 }
