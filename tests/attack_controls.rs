@@ -1192,12 +1192,12 @@ async fn pending_bound_of_1_with_30_clients_and_a_shutdown_in_the_middle() {
     assert_books(&handle, &ledger, CLIENTS).await;
 }
 
-/// More services waiting for room than any fixed table of wakers could
-/// hold: 1,100 clones of the service wait in `ready()` while the backlog is
-/// full; every one of them is woken and served once it drains.
-#[tokio::test(flavor = "current_thread")]
-async fn pending_bound_wakes_every_one_of_1100_waiting_services() {
-    const WAITERS: u64 = 1_100;
+/// `waiters` clones of a service wait in `poll_ready` while the backlog of
+/// `max_pending_tasks(1)` is full (one task pending behind a held permit);
+/// then the permit is released and each waiter, once ready, adds one task.
+/// Returns how many `poll_ready` calls it took to serve them all, and checks
+/// that every waiter was served and every task counted.
+async fn drain_waiters(waiters: u64, bound: Duration) -> u64 {
     let ledger = Ledger::default();
     let layer = BackgroundLayer::new()
         .max_concurrent_tasks(1)
@@ -1214,11 +1214,22 @@ async fn pending_bound_wakes_every_one_of_1100_waiting_services() {
     drop(svc.clone().oneshot(Request::new(())).await.unwrap());
     assert_eq!(handle.stats().pending, 1);
     let served = Arc::new(AtomicU64::new(0));
-    let mut waiters = tokio::task::JoinSet::new();
-    for _ in 0..WAITERS {
-        let (svc, served) = (svc.clone(), served.clone());
-        waiters.spawn(async move {
-            drop(svc.oneshot(Request::new(())).await.unwrap());
+    let polls = Arc::new(AtomicU64::new(0));
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..waiters {
+        let (mut svc, served, polls) = (svc.clone(), served.clone(), polls.clone());
+        set.spawn(async move {
+            std::future::poll_fn(|cx| {
+                polls.fetch_add(1, SeqCst);
+                tower::Service::poll_ready(&mut svc, cx)
+            })
+            .await
+            .unwrap();
+            drop(
+                tower::Service::call(&mut svc, Request::new(()))
+                    .await
+                    .unwrap(),
+            );
             served.fetch_add(1, SeqCst);
         });
     }
@@ -1226,16 +1237,51 @@ async fn pending_bound_wakes_every_one_of_1100_waiting_services() {
         tokio::task::yield_now().await;
     }
     assert_eq!(served.load(SeqCst), 0, "they all wait for room");
+    polls.store(0, SeqCst);
     gate.notify_one();
-    within("every waiting service to be served", async {
-        while let Some(res) = waiters.join_next().await {
+    let drained = tokio::time::timeout(bound, async {
+        while let Some(res) = set.join_next().await {
             res.unwrap();
         }
     })
     .await;
-    assert_eq!(served.load(SeqCst), WAITERS);
+    assert!(
+        drained.is_ok(),
+        "{} of {waiters} waiting services served in {bound:?}",
+        served.load(SeqCst)
+    );
     idle(&handle).await;
-    assert_books(&handle, &ledger, 1 + 1 + WAITERS).await;
+    assert_books(&handle, &ledger, 1 + 1 + waiters).await;
+    polls.load(SeqCst)
+}
+
+/// More services waiting for room than a fixed table of 1,024 wakers
+/// would hold: every one of them is woken and served once the backlog
+/// drains. (Bounded at 60 s: serving them costs a quadratic number of
+/// `poll_ready` calls, see the next test; about 3 s in a debug build.)
+#[tokio::test(flavor = "current_thread")]
+async fn pending_bound_wakes_every_one_of_1030_waiting_services() {
+    drain_waiters(1_030, Duration::from_secs(60)).await;
+}
+
+/// Each unit of room should wake about one waiting service, not all of
+/// them: n waiters should take O(n) `poll_ready` calls to drain. They take
+/// about n²/2 (every start of a pending task wakes every waiting service,
+/// which all poll again and all but one go back to waiting): measured in a
+/// debug build, 250 waiters 31,381 calls (87 ms), 500: 125,506 (0.5 s),
+/// 1,000: 501,256 (3.0 s), 2,000: 2,003,732 (25 s), 4,000: 8,008,732
+/// (139 s). A flood of connections waiting for room (no `LoadShedLayer`, as
+/// the docs allow) turns every task start into a wake-up of every waiting
+/// connection.
+#[tokio::test(flavor = "current_thread")]
+#[ignore = "bug: max_pending_tasks wakes every waiting service on each start: n waiters cost ~n²/2 poll_ready calls"]
+async fn bug_pending_bound_wakes_about_one_waiter_per_unit_of_room() {
+    const WAITERS: u64 = 500;
+    let polls = drain_waiters(WAITERS, Duration::from_secs(30)).await;
+    assert!(
+        polls <= 10 * WAITERS,
+        "{WAITERS} waiters took {polls} poll_ready calls to drain"
+    );
 }
 
 type BoxBody = UnsyncBoxBody<Bytes, std::io::Error>;
@@ -1864,13 +1910,19 @@ async fn shutdown_report_with_work_in_every_state_matches_stats() {
     );
     assert_eq!(r1, r2, "overlapping calls report the same figures");
     assert_eq!((r1.completed, r1.cancelled), (0, 4), "{r1:?}");
+    // The names are listed for the tasks dropped within 100 ms of the close
+    // (documented): all three here, unless the machine starved this thread
+    // for that long. Never the streaming one, which is still held.
     let mut by_name = r1.cancelled_by_name.clone();
     by_name.sort();
-    assert_eq!(
-        by_name,
-        [("audit", 1), ("invoice", 1), ("refresh", 1)],
+    let expected = [("audit", 1), ("invoice", 1), ("refresh", 1)];
+    assert!(
+        by_name.iter().all(|entry| expected.contains(entry)),
         "{r1:?}"
     );
+    if by_name.len() < expected.len() {
+        println!("only {by_name:?} listed within the 100 ms window");
+    }
     let s = handle.stats();
     assert_eq!(s.cancelled - before.cancelled, r1.cancelled, "{s:?}");
     assert_eq!(s.replaced - before.replaced, 1, "the merged refresh: {s:?}");
@@ -3335,26 +3387,28 @@ mod serde_feature {
             )
         );
         let pair = |name: &str, n: u64| V::Seq(vec![V::S(name.to_owned()), V::U(n)]);
-        let V::Struct(name, fields) = report.serialize(Ser).unwrap() else {
-            panic!("ShutdownReport is not a struct");
-        };
-        assert_eq!(name, "ShutdownReport");
-        let mut fields = fields;
-        if let Some((_, V::Seq(by_name))) =
-            fields.iter_mut().find(|(k, _)| *k == "cancelled_by_name")
-        {
-            by_name.sort_by_key(|v| format!("{v:?}"));
-        }
+        // Which names are listed depends on the 100 ms window after the close
+        // (documented); the serialization must show exactly the report's list.
+        assert!(!report.cancelled_by_name.is_empty(), "{report:?}");
         assert_eq!(
-            fields,
-            vec![
-                ("completed", u(0)),
-                ("cancelled", u(2)),
-                (
-                    "cancelled_by_name",
-                    V::Seq(vec![pair("audit", 1), pair("invoice", 1)])
-                ),
-            ]
+            report.serialize(Ser).unwrap(),
+            V::Struct(
+                "ShutdownReport",
+                vec![
+                    ("completed", u(0)),
+                    ("cancelled", u(2)),
+                    (
+                        "cancelled_by_name",
+                        V::Seq(
+                            report
+                                .cancelled_by_name
+                                .iter()
+                                .map(|(name, n)| pair(name, *n))
+                                .collect()
+                        )
+                    ),
+                ]
+            )
         );
     }
 }
