@@ -28,12 +28,16 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::str::FromStr;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use apalis::prelude::*;
+use apalis_core::backend::{Backend as TaskSource, BackendConfig, WireFormatBackend};
 use apalis_postgres::PostgresStorage;
 use apalis_redis::{ConnectionManager, RedisStorage};
 use apalis_sqlite::SqliteStorage;
@@ -529,7 +533,8 @@ impl Invoices {
 }
 
 /// Runs an apalis worker on `store` until `shutdown` resolves; then it stops
-/// fetching, finishes the jobs in hand and returns.
+/// fetching, finishes the jobs in hand (each one recorded as done or failed in
+/// the store) and returns.
 ///
 /// `name` must be unique among the workers of a queue (it names the worker's
 /// heartbeat and the jobs it holds).
@@ -541,17 +546,24 @@ pub async fn run_worker<F>(
     shutdown: F,
 ) -> Result<(), WorkerError>
 where
-    F: std::future::Future<Output = ()> + Send + 'static,
+    F: Future<Output = ()> + Send + 'static,
 {
     let poll = store.config.poll_interval;
+    // The worker stops once its backend has ended its stream (see StopFetching).
+    let (ended, stop) = oneshot::channel::<()>();
     let stop = async move {
-        shutdown.await;
+        let _ = stop.await; // sent, or the backend dropped: either way, stop
         Ok::<_, WorkerError>(())
     };
     macro_rules! run {
-        ($storage:expr) => {
+        ($storage:expr, $close_first:expr) => {
             WorkerBuilder::new(name)
-                .backend($storage.poll_with_interval(poll))
+                .backend(StopFetching::new(
+                    $storage.poll_with_interval(poll),
+                    shutdown,
+                    $close_first,
+                    ended,
+                ))
                 .concurrency(concurrency)
                 .data(mail)
                 .build(send_invoice)
@@ -560,9 +572,186 @@ where
         };
     }
     match store.invoices() {
-        Invoices::Sqlite(s) => run!(s),
-        Invoices::Redis(s) => run!(s),
-        Invoices::Postgres(s) => run!(s),
+        // One writer at a time for the whole file: close the backend's own
+        // store operations before the jobs in hand write theirs.
+        Invoices::Sqlite(s) => run!(s, true),
+        // Row locks: nothing of this worker's can block its jobs. (And
+        // apalis-redis' poll_close unregisters the worker: it can run once.)
+        Invoices::Redis(s) => run!(s, false),
+        Invoices::Postgres(s) => run!(s, false),
+    }
+}
+
+/// The backend of [`run_worker`]: `inner` until `shutdown` resolves, then a
+/// stream that ends, so that the worker fetches nothing more, finishes the
+/// jobs in hand and returns.
+///
+/// Why not simply `run_until(shutdown)`: once its stop signal has fired, an
+/// apalis 1.0 worker no longer polls its backend until its last job is done
+/// (it only calls `poll_close` then), but keeps whatever store operation the
+/// backend had under way. apalis-sqlite runs its fetch and its heartbeat in a
+/// transaction (`BEGIN; UPDATE ... RETURNING; COMMIT`): a SIGTERM that lands
+/// after the `UPDATE` leaves that transaction open, holding SQLite's write
+/// lock on the file until the jobs in hand end. Their own writes to the file
+/// (here the mail log) then wait `busy_timeout` and fail, and so does every
+/// other worker's fetch, heartbeat and acknowledgement.
+///
+/// With `close_first`, when `shutdown` resolves this backend first runs
+/// `inner`'s `poll_close` to its end while the worker still polls it: the
+/// operations under way are finished, except a fetch, which is dropped (its
+/// transaction rolled back: the jobs it was taking stay queued); the jobs
+/// fetched and not started are put back in the queue. Only then does the
+/// stream end. The worker's own `poll_close`, after the last job, records the
+/// jobs in hand as done.
+///
+/// `ended` is sent when the stream ends: `run_until`'s signal, the worker
+/// stops once its jobs are done (apalis needs both).
+struct StopFetching<B> {
+    inner: B,
+    shutdown: Pin<Box<dyn Future<Output = ()> + Send>>,
+    close_first: bool,
+    phase: StopPhase,
+    ended: Option<oneshot::Sender<()>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopPhase {
+    Running,
+    /// `shutdown` resolved: `inner.poll_close` is being driven.
+    Closing,
+    /// The stream has ended (or ends at the next `poll_next`).
+    Stopped,
+}
+
+impl<B> StopFetching<B> {
+    fn new<F>(inner: B, shutdown: F, close_first: bool, ended: oneshot::Sender<()>) -> Self
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        Self {
+            inner,
+            shutdown: Box::pin(shutdown),
+            close_first,
+            phase: StopPhase::Running,
+            ended: Some(ended),
+        }
+    }
+
+    fn end(&mut self) {
+        self.phase = StopPhase::Stopped;
+        if let Some(ended) = self.ended.take() {
+            let _ = ended.send(());
+        }
+    }
+}
+
+impl<B: TaskSource> StopFetching<B> {
+    /// Running: watches `shutdown`. Closing: drives `inner.poll_close`.
+    /// Ready(true) once the stream is to end.
+    fn poll_stop(
+        &mut self,
+        cx: &mut Context<'_>,
+        worker: &WorkerContext,
+    ) -> Poll<Result<bool, B::Error>> {
+        if self.phase == StopPhase::Running && self.shutdown.as_mut().poll(cx).is_ready() {
+            self.phase = if self.close_first {
+                StopPhase::Closing
+            } else {
+                StopPhase::Stopped
+            };
+        }
+        match self.phase {
+            StopPhase::Running => Poll::Ready(Ok(false)),
+            StopPhase::Closing => match self.inner.poll_close(cx, worker) {
+                Poll::Ready(Ok(())) => {
+                    self.phase = StopPhase::Stopped;
+                    Poll::Ready(Ok(true))
+                }
+                Poll::Ready(Err(e)) => {
+                    self.end();
+                    Poll::Ready(Err(e))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+            StopPhase::Stopped => Poll::Ready(Ok(true)),
+        }
+    }
+}
+
+impl<B: TaskSource> TaskSource for StopFetching<B> {
+    type Task = B::Task;
+    type Error = B::Error;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut Context<'_>,
+        worker: &WorkerContext,
+    ) -> Poll<Result<(), B::Error>> {
+        match self.poll_stop(cx, worker) {
+            Poll::Ready(Ok(false)) => self.inner.poll_ready(cx, worker),
+            // The worker calls poll_next next, which ends the stream.
+            Poll::Ready(Ok(true)) => Poll::Ready(Ok(())),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn poll_next(
+        &mut self,
+        cx: &mut Context<'_>,
+        worker: &WorkerContext,
+    ) -> Poll<Option<Result<B::Task, B::Error>>> {
+        match self.poll_stop(cx, worker) {
+            Poll::Ready(Ok(false)) => {}
+            Poll::Ready(Ok(true)) => {
+                self.end();
+                return Poll::Ready(None);
+            }
+            Poll::Ready(Err(e)) => return Poll::Ready(Some(Err(e))),
+            Poll::Pending => return Poll::Pending,
+        }
+        let next = self.inner.poll_next(cx, worker);
+        if let Poll::Ready(None) = next {
+            self.end();
+        }
+        next
+    }
+
+    fn poll_close(
+        &mut self,
+        cx: &mut Context<'_>,
+        worker: &WorkerContext,
+    ) -> Poll<Result<(), B::Error>> {
+        let closed = self.inner.poll_close(cx, worker);
+        if closed.is_ready() {
+            self.end();
+        }
+        closed
+    }
+}
+
+impl<B: BackendConfig> BackendConfig for StopFetching<B> {
+    type Args = B::Args;
+    type Id = B::Id;
+    type Kind = B::Kind;
+    type Config = B::Config;
+    type Layer = B::Layer;
+
+    fn config(&self) -> &Self::Config {
+        self.inner.config()
+    }
+
+    fn middleware(&mut self, worker: &mut WorkerContext) -> Self::Layer {
+        self.inner.middleware(worker)
+    }
+}
+
+impl<B: WireFormatBackend> WireFormatBackend for StopFetching<B> {
+    type Codec = B::Codec;
+    type Compact = B::Compact;
+
+    fn codec(&self) -> &Self::Codec {
+        self.inner.codec()
     }
 }
 

@@ -35,6 +35,7 @@ options:
   --queue NAME               queue name (default invoices)
   --heartbeat-ms N           worker heartbeat (default 5000)
   --missed-heartbeats N      a worker silent for N heartbeats is dead; its jobs go to another (default 3)
+  --poll-ms N                how often an idle worker asks the store for jobs (default 100)
   serve:  --addr IP:PORT (default 127.0.0.1:3000), --timeout-ms N (default 10000),
           --on-hold EMAIL (answer 409), --stalling EMAIL (never answer: 408 after the timeout)
   worker: --name NAME (default worker-HOST-PID; unique per store), --concurrency N (default 8), --latency-ms N (one send, default 5),
@@ -74,6 +75,7 @@ fn parse_args() -> Result<Args, String> {
             "--queue" => args.queue.queue = it.next().ok_or("--queue needs a value")?,
             "--heartbeat-ms" => args.queue.heartbeat = Duration::from_millis(num(&arg, it.next())?),
             "--missed-heartbeats" => args.queue.missed_heartbeats = num(&arg, it.next())?,
+            "--poll-ms" => args.queue.poll_interval = Duration::from_millis(num(&arg, it.next())?),
             "--addr" => args.addr = Some(num(&arg, it.next())?),
             "--timeout-ms" => args.timeout_ms = Some(num(&arg, it.next())?),
             "--on-hold" => args

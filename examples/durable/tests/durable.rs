@@ -4,7 +4,8 @@
 //! the store and the mail server's log. They check that a job is pushed after
 //! a successful response and retried by the worker until it succeeds (3
 //! attempts), that a failed or timed-out request enqueues nothing, that a
-//! pushed job survives a restart, and that a redelivered job sends nothing.
+//! pushed job survives a restart, that a redelivered job sends nothing, and
+//! that a worker told to stop finishes and records the job in hand.
 //!
 //! The same checks across processes, on Redis and Postgres, are in
 //! `tests/processes.rs`.
@@ -15,8 +16,8 @@ use std::time::Duration;
 
 use apalis::prelude::{TaskBuilder, TaskSink};
 use durable::{
-    jobs_done, start, App, Backend, Config, Delivery, InvoiceCreated, Invoices, JobCounts, Ledger,
-    NewInvoice, QueueConfig, Register, SendInvoice, Store,
+    jobs_done, run_worker, start, App, Backend, Config, Delivery, InvoiceCreated, Invoices,
+    JobCounts, Ledger, MailServer, NewInvoice, QueueConfig, Register, SendInvoice, Store,
 };
 use reqwest::StatusCode;
 
@@ -285,4 +286,83 @@ async fn an_unusable_store_is_an_error_that_names_it() {
         )),
         "{text}"
     );
+}
+
+/// A worker told to stop while it runs a job finishes that job: the mail is
+/// sent once and the job recorded as done before `run_worker` returns. The
+/// worker asks the store for jobs every millisecond, so that in some rounds
+/// the stop arrives while one of its fetches is under way: apalis alone would
+/// keep that fetch's transaction open, and with it SQLite's write lock on the
+/// file, until the job ended; the job's write to the mail log would wait
+/// `busy_timeout` (10 s) and fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_worker_finishes_and_records_the_job_in_hand() {
+    const ROUNDS: usize = 10;
+    for round in 0..ROUNDS {
+        let dir = tempfile::tempdir().unwrap();
+        let config = QueueConfig {
+            poll_interval: Duration::from_millis(1),
+            ..QueueConfig::default()
+        };
+        let store = Store::connect(&Backend::Sqlite(dir.path().join("jobs.sqlite")), config)
+            .await
+            .expect("open the SQLite store");
+        let mail = MailServer::new(store.journal()).with_latency(Duration::from_millis(200));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let worker = tokio::spawn({
+            let store = store.clone();
+            async move {
+                run_worker(&store, "w1", mail, 8, async move {
+                    let _ = stopped.await;
+                })
+                .await
+            }
+        });
+        let Invoices::Sqlite(mut storage) = store.invoices() else {
+            unreachable!("a SQLite store")
+        };
+        let job = SendInvoice {
+            order: format!("r{round}"),
+            email: "ada@example.com".into(),
+            amount_cents: 100,
+        };
+        let key = job.key();
+        storage
+            .push_task(TaskBuilder::new(job).idempotency_key(&key).build())
+            .await
+            .unwrap();
+
+        // The job has started (its attempt is counted): stop the worker.
+        tokio::time::timeout(LIMIT, async {
+            let mut tick = tokio::time::interval(Duration::from_millis(2));
+            loop {
+                tick.tick().await;
+                if log(&store).await.get(&key).is_some_and(|d| d.attempts == 1) {
+                    return;
+                }
+            }
+        })
+        .await
+        .expect("the worker did not start the job");
+        stop.send(()).unwrap();
+        // Beyond busy_timeout, so that a blocked write shows as a wrong log
+        // rather than as a timeout here.
+        tokio::time::timeout(LIMIT * 2, worker)
+            .await
+            .expect("the worker did not stop")
+            .unwrap()
+            .expect("the worker failed");
+
+        let log = log(&store).await;
+        assert_eq!(
+            (log[&key].attempts, log[&key].sends),
+            (1, 1),
+            "round {round}: {log:?}"
+        );
+        assert_eq!(
+            store.job_counts().await.unwrap(),
+            JobCounts { total: 1, done: 1 },
+            "round {round}"
+        );
+    }
 }
