@@ -10,7 +10,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use crate::config::Config;
 use crate::ending::TaskEnd;
-use crate::job::panic_message;
+use crate::job::{drop_guarded, panic_message};
 use crate::registry::Registry;
 
 /// Whether task ends are observed at all: timestamps are taken only then.
@@ -19,10 +19,12 @@ pub(crate) fn enabled(config: &Config) -> bool {
     cfg!(feature = "metrics") || config.on_task_end.is_some()
 }
 
-/// Hands a task's end to the hook and to the `metrics` recorder.
+/// Hands a task's end to the hook and to the `metrics` recorder. Neither
+/// can unwind into the caller: a panic is logged, and the task's end is
+/// counted all the same.
 pub(crate) fn emit(config: &Config, registry: &Registry, end: &TaskEnd<'_>) {
     #[cfg(feature = "metrics")]
-    record(registry, end);
+    guarded(|| record(registry, end));
     #[cfg(not(feature = "metrics"))]
     let _ = registry;
     if let Some(hook) = &config.on_task_end {
@@ -31,6 +33,7 @@ pub(crate) fn emit(config: &Config, registry: &Registry, end: &TaskEnd<'_>) {
                 panic = %panic_message(&*payload),
                 "the on_task_end hook panicked"
             );
+            drop_guarded(payload);
         }
     }
 }
@@ -39,9 +42,27 @@ pub(crate) fn emit(config: &Config, registry: &Registry, end: &TaskEnd<'_>) {
 #[inline]
 pub(crate) fn added(registry: &Registry) {
     #[cfg(feature = "metrics")]
-    gauges(registry);
+    guarded(|| gauges(registry));
     #[cfg(not(feature = "metrics"))]
     let _ = registry;
+}
+
+/// Runs a call into the `metrics` recorder, which may panic (an exporter's
+/// bug): it must not unwind into a handler, or out of a drop during an
+/// unwind (an abort). Logged once per process.
+#[cfg(feature = "metrics")]
+fn guarded(f: impl FnOnce()) {
+    use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+    static LOGGED: AtomicBool = AtomicBool::new(false);
+    if let Err(payload) = catch_unwind(AssertUnwindSafe(f)) {
+        if !LOGGED.swap(true, Relaxed) {
+            tracing::error!(
+                panic = %panic_message(&*payload),
+                "the metrics recorder panicked (logged once; later panics are ignored)"
+            );
+        }
+        drop_guarded(payload);
+    }
 }
 
 #[cfg(feature = "metrics")]

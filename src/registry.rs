@@ -23,7 +23,7 @@
 use std::collections::{HashSet, VecDeque};
 use std::pin::pin;
 use std::sync::atomic::Ordering::SeqCst;
-use std::sync::{Arc, OnceLock, PoisonError};
+use std::sync::{Arc, OnceLock, PoisonError, Weak};
 use std::task::Waker;
 
 use tokio::sync::Notify;
@@ -258,9 +258,15 @@ impl Registry {
     /// the services waiting for room.
     fn unpend(&self, n: u64) {
         if let Some(backlog) = self.backlog.get() {
-            let before = backlog.pending.fetch_sub(n as usize, SeqCst);
-            if before >= backlog.limit && before - (n as usize) < backlog.limit {
-                backlog.wake();
+            let n = n as usize;
+            let after = backlog.pending.fetch_sub(n, SeqCst) - n;
+            if after < backlog.limit {
+                // One waiting service per unit of room freed, and a few
+                // more in case a woken one is gone (a reset stream leaves its
+                // waker behind); each that finds room passes it on to the
+                // next (`poll_backlog`). Not all of them: n waiting services
+                // would cost n² polls to serve.
+                backlog.wake(n.min(backlog.limit - after) + SPARE_WAKEUPS);
             }
         }
     }
@@ -270,17 +276,26 @@ impl Registry {
         let _ = self.backlog.set(Backlog {
             limit,
             pending: AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
             waiters: Mutex::new(VecDeque::new()),
         });
     }
 
     /// Whether a service may take a request: `Pending` while
     /// `max_pending_tasks` tasks are pending (woken when one starts or ends).
+    ///
+    /// `ticket` is the calling service's: while it waits, it marks the
+    /// service's place in the line as live, so that a service dropped while
+    /// it waits (a reset stream) is skipped by the wake-ups.
     #[inline]
-    pub(crate) fn poll_room(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+    pub(crate) fn poll_room(
+        &self,
+        cx: &mut std::task::Context<'_>,
+        ticket: &mut RoomTicket,
+    ) -> std::task::Poll<()> {
         match self.backlog.get() {
             None => std::task::Poll::Ready(()),
-            Some(backlog) => self.poll_backlog(backlog, cx),
+            Some(backlog) => self.poll_backlog(backlog, cx, ticket),
         }
     }
 
@@ -289,32 +304,53 @@ impl Registry {
         &self,
         backlog: &Backlog,
         cx: &mut std::task::Context<'_>,
+        ticket: &mut RoomTicket,
     ) -> std::task::Poll<()> {
         let full = || backlog.pending.load(SeqCst) >= backlog.limit && !self.is_closed();
+        let room = |ticket: &mut RoomTicket| {
+            // Out of the line (its entry, if still there, is skipped); the
+            // next waiting service gets its turn too: it passes it on in
+            // turn, or waits again if the room is gone.
+            ticket.0 = None;
+            backlog.wake(1);
+            std::task::Poll::Ready(())
+        };
         if !full() {
-            return std::task::Poll::Ready(());
+            return room(ticket);
         }
+        let live = ticket.0.get_or_insert_with(Arc::default);
         let mut waiters = backlog
             .waiters
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
-            // `LoadShed` polls once per request and never again: bound what
-            // such callers leave behind by waking the oldest (it polls again
-            // if it still waits).
-            if waiters.len() == MAX_BACKLOG_WAITERS {
-                if let Some(oldest) = waiters.pop_front() {
-                    oldest.wake();
+        let mut evicted = None;
+        match waiters
+            .iter_mut()
+            .find(|(place, _)| std::ptr::eq(place.as_ptr(), Arc::as_ptr(live)))
+        {
+            // Polled again while still in the line: keep its place.
+            Some((_, waker)) => waker.clone_from(cx.waker()),
+            None => {
+                // `LoadShed` polls once per request and never again: bound
+                // what such callers leave behind by waking the oldest (it
+                // polls again if it still waits).
+                if waiters.len() == MAX_BACKLOG_WAITERS {
+                    evicted = waiters.pop_front();
                 }
+                waiters.push_back((Arc::downgrade(live), cx.waker().clone()));
+                backlog.waiting.store(waiters.len(), SeqCst);
             }
-            waiters.push_back(cx.waker().clone());
         }
         drop(waiters);
-        // Checked again after registering: a start in between wakes us.
+        if let Some((_, oldest)) = evicted {
+            oldest.wake();
+        }
+        // Checked again after registering (`waiting` is written first): a
+        // start in between sees us and wakes us.
         if full() {
             std::task::Poll::Pending
         } else {
-            std::task::Poll::Ready(())
+            room(ticket)
         }
     }
 
@@ -426,7 +462,7 @@ impl Registry {
         }
         drop(wakers);
         if let Some(backlog) = self.backlog.get() {
-            backlog.wake();
+            backlog.wake(usize::MAX);
         }
         self.settle();
     }
@@ -615,17 +651,53 @@ impl Drop for IdleWaiter<'_> {
 struct Backlog {
     limit: usize,
     pending: AtomicUsize,
-    waiters: Mutex<VecDeque<Waker>>,
+    /// `waiters.len()`, written under its lock: a start reads it without
+    /// taking the lock when nobody waits.
+    waiting: AtomicUsize,
+    /// Services waiting for room, oldest first: the service's ticket (gone
+    /// if the service was dropped, or got room) and its waker.
+    waiters: Mutex<VecDeque<(Weak<()>, Waker)>>,
+}
+
+/// A service's place in the line of `max_pending_tasks`, held while it waits
+/// for room. A clone of the service does not wait: its ticket is empty.
+#[derive(Debug, Default)]
+pub(crate) struct RoomTicket(Option<Arc<()>>);
+
+impl Clone for RoomTicket {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
 }
 
 /// How many wakers of services waiting for room are kept at most.
 const MAX_BACKLOG_WAITERS: usize = 1024;
 
+/// Services woken beyond the room freed by a start: a woken service may be
+/// gone, and would pass the room on to nobody.
+const SPARE_WAKEUPS: usize = 2;
+
 impl Backlog {
-    fn wake(&self) {
-        let waiters =
-            std::mem::take(&mut *self.waiters.lock().unwrap_or_else(PoisonError::into_inner));
-        for waker in waiters {
+    /// Wakes up to `n` of the services waiting for room, oldest first;
+    /// services that stopped waiting (dropped, or got room) are taken out of
+    /// the line without counting.
+    fn wake(&self, n: usize) {
+        if n == 0 || self.waiting.load(SeqCst) == 0 {
+            return;
+        }
+        let mut waiters = self.waiters.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut woken = Vec::new();
+        while woken.len() < n {
+            let Some((place, waker)) = waiters.pop_front() else {
+                break;
+            };
+            if place.strong_count() > 0 {
+                woken.push(waker);
+            }
+        }
+        self.waiting.store(waiters.len(), SeqCst);
+        drop(waiters);
+        for waker in woken {
             waker.wake();
         }
     }

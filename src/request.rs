@@ -841,11 +841,11 @@ impl Runner {
             let now = Instant::now();
             let mut timing = self.timing().project();
             if let (Some(budget), None) = (budget, *timing.budget_end) {
-                *timing.budget_end = Some(now + budget);
+                *timing.budget_end = Some(later(now, budget));
             }
             let at = match (timeout, *timing.budget_end) {
-                (Some(timeout), Some(end)) => (now + timeout).min(end),
-                (Some(timeout), None) => now + timeout,
+                (Some(timeout), Some(end)) => later(now, timeout).min(end),
+                (Some(timeout), None) => later(now, timeout),
                 (None, Some(end)) => end,
                 (None, None) => unreachable!("checked above"),
             };
@@ -1103,6 +1103,13 @@ impl Drop for Runner {
             shared.release_permit();
         }
     }
+}
+
+/// `now + duration`, or about 30 years from now if that overflows (as
+/// tokio's timers do for `Duration::MAX`): a limit that large never fires.
+fn later(now: Instant, duration: std::time::Duration) -> Instant {
+    now.checked_add(duration)
+        .unwrap_or_else(|| now + std::time::Duration::from_secs(86_400 * 365 * 30))
 }
 
 /// What a blocking closure takes along: the close to check before it runs,

@@ -11,6 +11,7 @@ use tower_service::Service;
 
 use crate::body::BackgroundBody;
 use crate::config::Config;
+use crate::registry::RoomTicket;
 use crate::request::{NoResponse, RequestQueue, Shared};
 use crate::{BackgroundHandle, BackgroundTasks};
 
@@ -43,6 +44,8 @@ use crate::{BackgroundHandle, BackgroundTasks};
 pub struct BackgroundService<S> {
     inner: S,
     shared: Arc<Shared>,
+    /// Its place in the line while it waits for room of `max_pending_tasks`.
+    ticket: RoomTicket,
 }
 
 impl<S> BackgroundService<S> {
@@ -60,7 +63,11 @@ impl<S> BackgroundService<S> {
     }
 
     pub(crate) fn from_shared(inner: S, shared: Arc<Shared>) -> Self {
-        Self { inner, shared }
+        Self {
+            inner,
+            shared,
+            ticket: RoomTicket::default(),
+        }
     }
 
     /// A handle on this service's tasks (shared with the layer that made it).
@@ -119,7 +126,7 @@ where
     #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         // Backpressure of `max_pending_tasks` (a load of a `OnceLock` without it).
-        ready!(self.shared.registry.poll_room(cx));
+        ready!(self.shared.registry.poll_room(cx, &mut self.ticket));
         self.inner.poll_ready(cx)
     }
 
