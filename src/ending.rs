@@ -73,7 +73,8 @@ pub enum TaskOutcome<'a> {
     Skipped,
     /// Never queued: over `max_tasks_per_request`.
     Refused,
-    /// Never ran: replaced by a task of the same name, or forgotten.
+    /// Never ran: replaced by a task of the same name, forgotten, or merged
+    /// into a pending task with the same coalescing key.
     Replaced,
 }
 

@@ -173,6 +173,13 @@ impl BackgroundLayer {
     /// [`Stats::refused`](crate::Stats::refused), and the first refusal of
     /// each request is logged at warn level.
     ///
+    /// Every add counts toward the cap, including tasks later replaced by a
+    /// task of the same name or taken back with
+    /// [`forget`](crate::BackgroundTasks::forget) (which gives no slot back),
+    /// and tasks added after the response ended. So with a cap of 3, the
+    /// fourth `named("x")` add of a request is refused and the third one
+    /// runs: keep the cap well above what a request legitimately adds.
+    ///
     /// # Panics
     ///
     /// If `limit` is zero, which would refuse every task: to run none, do
@@ -206,8 +213,19 @@ impl BackgroundLayer {
     /// flight add: cap that with
     /// [`max_tasks_per_request`](Self::max_tasks_per_request).
     ///
-    /// The first service made from a layer clone with this setting fixes the
-    /// bound for every clone (they share one registry).
+    /// Tasks of a response still being sent count as pending until its body
+    /// ends, so `limit` slow downloads with a task each fill the bound by
+    /// themselves: size it for the responses in flight, and put a timeout on
+    /// slow clients (for example hyper's header and idle timeouts).
+    ///
+    /// The bound belongs to the layer's registry, which every clone of the
+    /// layer and every service made from them share: the first service made
+    /// from a clone with this setting fixes it for all of them, including
+    /// services made earlier from clones without it.
+    ///
+    /// Waiting services are woken in order, about one per task that starts
+    /// or ends while the bound is reached; a service dropped while it waits
+    /// gives up its place.
     ///
     /// # Panics
     ///
@@ -242,6 +260,13 @@ impl BackgroundLayer {
     /// request's tasks had all ended, the budget runs from the first task of
     /// the request's current run.
     ///
+    /// Once the first task started, the budget keeps running while the
+    /// request's next task waits: for a permit of
+    /// [`max_concurrent_tasks`](Self::max_concurrent_tasks) (a permit is
+    /// taken per task, and goes to the next waiting request between two
+    /// tasks of a sequential request), or behind the previous task. A task
+    /// can so be counted as timed out without having started.
+    ///
     /// # Panics
     ///
     /// If `budget` is zero, which would time out every task.
@@ -272,6 +297,12 @@ impl BackgroundLayer {
     /// The hook runs on the thread where the task ended, right after it was
     /// counted: keep it short and never block in it. A panic in the hook is
     /// caught and logged.
+    ///
+    /// Because the task is counted first, [`wait_idle`](BackgroundHandle::wait_idle)
+    /// can return on another thread while the hook of the last task is still
+    /// running: a test that reads what the hook recorded right after
+    /// `wait_idle` on a multi-thread runtime should wait for it (a channel
+    /// the hook sends on), or use a current-thread runtime.
     ///
     /// ```
     /// use std::sync::atomic::{AtomicU64, Ordering};

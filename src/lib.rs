@@ -155,7 +155,10 @@
 //!
 //! [`BackgroundLayer::handle`] returns a [`BackgroundHandle`]. Its
 //! [`stats`](BackgroundHandle::stats) count every task, which ends in exactly
-//! one of completed, failed, panicked, timed out, discarded or cancelled;
+//! one of completed, failed, panicked, timed out, discarded, cancelled,
+//! skipped (its run policy), refused (over
+//! [`max_tasks_per_request`](BackgroundLayer::max_tasks_per_request)) or
+//! replaced (by a task of the same name, taken back, or merged);
 //! [`wait_idle`](BackgroundHandle::wait_idle) waits until nothing is pending
 //! or running (use it in tests instead of sleeps), and
 //! [`shutdown`](BackgroundHandle::shutdown) drains the tasks for a grace

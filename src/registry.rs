@@ -68,7 +68,10 @@ pub struct Stats {
     pub failed: u64,
     /// Panicked.
     pub panicked: u64,
-    /// Outlived [`task_timeout`](crate::BackgroundLayer::task_timeout).
+    /// Outlived [`task_timeout`](crate::BackgroundLayer::task_timeout), or
+    /// its request's
+    /// [`request_time_budget`](crate::BackgroundLayer::request_time_budget)
+    /// (also tasks the budget stopped before they started).
     pub timed_out: u64,
     /// Never run because their request produced no response, or because the
     /// response was aborted with [`run_on_abort(false)`](crate::BackgroundLayer::run_on_abort).

@@ -161,7 +161,11 @@ impl BackgroundTasks {
     /// name that is still waiting in the request (the last one wins), and
     /// [`forget`](Self::forget) takes such a task back. A task already handed
     /// to the request's runner (its response has ended and the runner took
-    /// it) is neither replaced nor taken back: it runs.
+    /// it) is neither replaced nor taken back: it runs. The runner takes a
+    /// request's tasks when its response ends, even if they then wait for a
+    /// permit of [`max_concurrent_tasks`](crate::BackgroundLayer::max_concurrent_tasks);
+    /// only tasks added later (from a running task, say) can still be
+    /// replaced or taken back.
     ///
     /// ```
     /// # use tower_background::BackgroundTasks;
@@ -278,6 +282,12 @@ impl TaskOptions<'_> {
     /// [`Stats::replaced`](crate::Stats::replaced). So the task of the
     /// request whose response ended first runs, and a task whose key is
     /// claimed by one already running is not merged: it runs after it.
+    ///
+    /// A merged task is counted as replaced at once. If the task that holds
+    /// the key then ends without running (its request's time budget, a
+    /// shutdown, its runtime gone), the merged work is not done until a
+    /// later request adds it again: coalesce only work that is repeated
+    /// anyway, like a cache refresh.
     /// Tasks whose request produced no response, or that their run policy
     /// skips, never claim their key. Within one request, the first task
     /// added with a key keeps it.
