@@ -684,10 +684,15 @@ impl Backlog {
     /// Wakes up to `n` of the services waiting for room, oldest first;
     /// services that stopped waiting (dropped, or got room) are taken out of
     /// the line without counting.
+    #[inline]
     fn wake(&self, n: usize) {
-        if n == 0 || self.waiting.load(SeqCst) == 0 {
-            return;
+        if n > 0 && self.waiting.load(SeqCst) > 0 {
+            self.wake_waiting(n);
         }
+    }
+
+    #[inline(never)]
+    fn wake_waiting(&self, n: usize) {
         let mut waiters = self.waiters.lock().unwrap_or_else(PoisonError::into_inner);
         let mut woken = Vec::new();
         while woken.len() < n {
