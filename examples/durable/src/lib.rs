@@ -575,8 +575,9 @@ where
         // One writer at a time for the whole file: close the backend's own
         // store operations before the jobs in hand write theirs.
         Invoices::Sqlite(s) => run!(s, true),
-        // Row locks: nothing of this worker's can block its jobs. (And
-        // apalis-redis' poll_close unregisters the worker: it can run once.)
+        // Locks per key or per row: apalis' own order, the stream ends at the
+        // stop. (apalis-redis' poll_close also unregisters the worker: it can
+        // run only once, at the end.)
         Invoices::Redis(s) => run!(s, false),
         Invoices::Postgres(s) => run!(s, false),
     }
@@ -589,23 +590,24 @@ where
 /// Why not simply `run_until(shutdown)`: once its stop signal has fired, an
 /// apalis 1.0 worker no longer polls its backend until its last job is done
 /// (it only calls `poll_close` then), but keeps whatever store operation the
-/// backend had under way. apalis-sqlite runs its fetch and its heartbeat in a
-/// transaction (`BEGIN; UPDATE ... RETURNING; COMMIT`): a SIGTERM that lands
-/// after the `UPDATE` leaves that transaction open, holding SQLite's write
-/// lock on the file until the jobs in hand end. Their own writes to the file
-/// (here the mail log) then wait `busy_timeout` and fail, and so does every
-/// other worker's fetch, heartbeat and acknowledgement.
+/// backend had under way. apalis-sqlite runs each fetch, heartbeat and
+/// recording of a job's start or end in a transaction (`BEGIN; UPDATE ...
+/// RETURNING; COMMIT`): a stop that lands after the `UPDATE` leaves that
+/// transaction open, holding SQLite's write lock on the file until the jobs in
+/// hand end. Their own writes to the file (here the mail log) then wait
+/// `busy_timeout` and fail, and so would the other workers' writes.
 ///
 /// With `close_first`, when `shutdown` resolves this backend first runs
-/// `inner`'s `poll_close` to its end while the worker still polls it: the
+/// `inner`'s `poll_close` to its end while apalis still polls it: the
 /// operations under way are finished, except a fetch, which is dropped (its
 /// transaction rolled back: the jobs it was taking stay queued); the jobs
 /// fetched and not started are put back in the queue. Only then does the
 /// stream end. The worker's own `poll_close`, after the last job, records the
 /// jobs in hand as done.
 ///
-/// `ended` is sent when the stream ends: `run_until`'s signal, the worker
-/// stops once its jobs are done (apalis needs both).
+/// `ended` is sent when the stream ends and is `run_until`'s signal: an apalis
+/// worker returns once its stream has ended, its stop signal has fired and its
+/// jobs are done.
 struct StopFetching<B> {
     inner: B,
     shutdown: Pin<Box<dyn Future<Output = ()> + Send>>,

@@ -532,9 +532,9 @@ async fn postgres_failing_job_is_retried() {
 async fn sigterm_finishes_the_job_in_hand(target: Target) {
     let store = target.store().await;
     // One send takes 1.5 s. The worker asks the store for jobs every
-    // millisecond, so the SIGTERM is likely to arrive while one of its
-    // fetches is under way (the case that used to leave SQLite's write lock
-    // taken until the job ended, and its mail unrecorded).
+    // millisecond, so that the SIGTERM often lands while one of its fetches is
+    // under way: on SQLite, apalis alone would keep that fetch's transaction,
+    // and the file's write lock, until the job ended (see run_worker).
     let worker = Proc::worker(&target, "w1", &["--latency-ms", "1500", "--poll-ms", "1"]).await;
     push(&store, invoice("slow", "slow@example.com")).await;
     until_log(&store, "the worker to start the job", LIMIT, |log| {
