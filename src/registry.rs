@@ -280,7 +280,7 @@ impl Registry {
             limit,
             pending: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
-            waiters: Mutex::new(VecDeque::new()),
+            line: Mutex::default(),
         });
     }
 
@@ -321,32 +321,19 @@ impl Registry {
         if !full() {
             return room(ticket);
         }
-        let live = ticket.0.get_or_insert_with(Arc::default);
-        let mut waiters = backlog
-            .waiters
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let mut evicted = None;
-        match waiters
-            .iter_mut()
-            .find(|(place, _)| std::ptr::eq(place.as_ptr(), Arc::as_ptr(live)))
-        {
-            // Polled again while still in the line: keep its place.
-            Some((_, waker)) => waker.clone_from(cx.waker()),
-            None => {
-                // `LoadShed` polls once per request and never again: bound
-                // what such callers leave behind by waking the oldest (it
-                // polls again if it still waits).
-                if waiters.len() == MAX_BACKLOG_WAITERS {
-                    evicted = waiters.pop_front();
-                }
-                waiters.push_back((Arc::downgrade(live), cx.waker().clone()));
-                backlog.waiting.store(waiters.len(), SeqCst);
+        let place = ticket.0.get_or_insert_with(Arc::default);
+        let join = {
+            let mut me = place.lock().unwrap_or_else(PoisonError::into_inner);
+            match &mut me.waker {
+                Some(waker) => waker.clone_from(cx.waker()),
+                None => me.waker = Some(cx.waker().clone()),
             }
-        }
-        drop(waiters);
-        if let Some((_, oldest)) = evicted {
-            oldest.wake();
+            // Polled again while in the line: it keeps its place.
+            !std::mem::replace(&mut me.in_line, true)
+        };
+        // Not under the place's lock: the wake-ups lock the line, then places.
+        if join {
+            backlog.line_up(Arc::downgrade(place));
         }
         // Checked again after registering (`waiting` is written first): a
         // start in between sees us and wakes us.
@@ -654,27 +641,43 @@ impl Drop for IdleWaiter<'_> {
 struct Backlog {
     limit: usize,
     pending: AtomicUsize,
-    /// `waiters.len()`, written under its lock: a start reads it without
-    /// taking the lock when nobody waits.
+    /// `line.len()`, written under its lock: a start reads it without taking
+    /// the lock when nobody waits.
     waiting: AtomicUsize,
-    /// Services waiting for room, oldest first: the service's ticket (gone
-    /// if the service was dropped, or got room) and its waker.
-    waiters: Mutex<VecDeque<(Weak<()>, Waker)>>,
+    /// Services waiting for room, oldest first.
+    line: Mutex<Line>,
+}
+
+/// The services waiting for room of `max_pending_tasks`, oldest first: weak
+/// references to their places, gone once the service is dropped or got room.
+#[derive(Debug, Default)]
+struct Line {
+    places: VecDeque<Weak<Mutex<Place>>>,
+    /// The length at which references to places that are gone are dropped
+    /// (doubled each time, so that the sweep is amortized).
+    sweep_at: usize,
+}
+
+/// A waiting service's place in the line.
+#[derive(Debug, Default)]
+struct Place {
+    /// The waker of its latest poll.
+    waker: Option<Waker>,
+    /// Whether the line holds a reference to it: a service polled again
+    /// while it waits keeps its place (no search of the line).
+    in_line: bool,
 }
 
 /// A service's place in the line of `max_pending_tasks`, held while it waits
 /// for room. A clone of the service does not wait: its ticket is empty.
 #[derive(Debug, Default)]
-pub(crate) struct RoomTicket(Option<Arc<()>>);
+pub(crate) struct RoomTicket(Option<Arc<Mutex<Place>>>);
 
 impl Clone for RoomTicket {
     fn clone(&self) -> Self {
         Self::default()
     }
 }
-
-/// How many wakers of services waiting for room are kept at most.
-const MAX_BACKLOG_WAITERS: usize = 1024;
 
 /// Services woken beyond the room freed by a start: a woken service may be
 /// gone, and would pass the room on to nobody.
@@ -693,21 +696,38 @@ impl Backlog {
 
     #[inline(never)]
     fn wake_waiting(&self, n: usize) {
-        let mut waiters = self.waiters.lock().unwrap_or_else(PoisonError::into_inner);
         let mut woken = Vec::new();
+        let mut line = self.line.lock().unwrap_or_else(PoisonError::into_inner);
         while woken.len() < n {
-            let Some((place, waker)) = waiters.pop_front() else {
+            let Some(place) = line.places.pop_front() else {
                 break;
             };
-            if place.strong_count() > 0 {
-                woken.push(waker);
+            // A service dropped while it waited, or one that found room
+            // since: skipped, not counted.
+            if let Some(place) = place.upgrade() {
+                let mut place = place.lock().unwrap_or_else(PoisonError::into_inner);
+                place.in_line = false;
+                if let Some(waker) = place.waker.take() {
+                    woken.push(waker);
+                }
             }
         }
-        self.waiting.store(waiters.len(), SeqCst);
-        drop(waiters);
+        self.waiting.store(line.places.len(), SeqCst);
+        drop(line);
         for waker in woken {
             waker.wake();
         }
+    }
+
+    /// Puts a service at the end of the line.
+    fn line_up(&self, place: Weak<Mutex<Place>>) {
+        let mut line = self.line.lock().unwrap_or_else(PoisonError::into_inner);
+        if line.places.len() >= line.sweep_at {
+            line.places.retain(|place| place.strong_count() > 0);
+            line.sweep_at = (2 * line.places.len()).max(1024);
+        }
+        line.places.push_back(place);
+        self.waiting.store(line.places.len(), SeqCst);
     }
 }
 
