@@ -944,3 +944,55 @@ async fn load_shed_on_one_route_and_waiting_on_another_share_one_bound() {
     assert_balanced(&handle.stats(), 2 + WAITING as u64 + 1);
     server.graceful_shutdown().await;
 }
+
+/// The HTTP/2 counterpart of the HTTP/1.1 case above: the stream holding
+/// the only pending task and the three streams at the head of the line are
+/// reset together (one batch of RST_STREAM frames). The live stream behind
+/// them is answered.
+#[tokio::test(flavor = "current_thread")]
+async fn h2_streams_reset_as_the_room_frees_leave_the_next_served() {
+    let layer = BackgroundLayer::new().max_pending_tasks(1);
+    let handle = layer.handle();
+    let svc = fill_or_answer(&layer);
+    let waiting = svc.waiting.clone();
+    let server = Server::start(svc).await;
+    let client = h2_client(server.addr).await;
+    let send = |path: &'static str| {
+        let client = client.clone();
+        async move {
+            let mut client = within("a stream", client.ready()).await.unwrap();
+            let req = Request::post(format!("http://attack{path}"))
+                .body(())
+                .unwrap();
+            client.send_request(req, true).unwrap()
+        }
+    };
+    let filler = send("/fill").await;
+    until("the filler's task", || handle.stats().pending == 1).await;
+    let mut streams = Vec::new();
+    for i in 0..4 {
+        streams.push(send("/").await);
+        until("the stream to wait for room", || {
+            waiting.load(SeqCst) == i + 1
+        })
+        .await;
+    }
+    let live = streams.pop().unwrap();
+    drop(filler);
+    drop(streams);
+    let res = within("the live stream's answer", live.0).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let mut body = res.into_body();
+    while let Some(chunk) = within("the body", body.data()).await {
+        chunk.unwrap();
+    }
+    idle(&handle).await;
+    // The filler's task was discarded; the reset streams may have got room
+    // before their reset was seen (their handlers then ran).
+    let s = handle.stats();
+    assert_eq!((s.pending, s.running, s.discarded), (0, 0, 1), "{s:?}");
+    assert!(s.completed >= 1, "{s:?}");
+    assert_eq!(s.total(), s.ended(), "{s:?}");
+    drop(client);
+    server.graceful_shutdown().await;
+}
