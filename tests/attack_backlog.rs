@@ -996,3 +996,156 @@ async fn h2_streams_reset_as_the_room_frees_leave_the_next_served() {
     drop(client);
     server.graceful_shutdown().await;
 }
+
+// ---------------------------------------------------------------------------
+// The bound's count through every way a task ends
+// ---------------------------------------------------------------------------
+
+/// Whether `bound` requests that each leave one task pending fit while the
+/// permit is held, and one more does not: the bound's count is exactly the
+/// tasks pending, after whatever came before.
+async fn exactly_bound_fit(layer: &BackgroundLayer, handle: &BackgroundHandle, bound: usize) {
+    idle(handle).await;
+    let before = handle.stats();
+    let gate = blocker(layer).await;
+    let svc = one_task_service(layer);
+    for i in 0..bound {
+        let mut s = svc.clone();
+        let ready = tokio::time::timeout(Duration::from_secs(2), s.ready()).await;
+        assert!(
+            ready.is_ok(),
+            "request {i} of {bound} found no room: {:?}",
+            handle.stats()
+        );
+        drop(s.call(Request::new(())).await.unwrap());
+    }
+    assert_eq!(handle.stats().pending, bound as u64);
+    let mut over = svc.clone();
+    assert!(
+        poll_ready_with(&mut over, Waker::noop()).is_pending(),
+        "room beyond the bound: {:?}",
+        handle.stats()
+    );
+    drop(over);
+    gate.notify_one();
+    idle(handle).await;
+    let after = handle.stats();
+    assert_eq!(
+        after.completed,
+        before.completed + 1 + bound as u64,
+        "{after:?}"
+    );
+}
+
+async fn boom() {
+    panic!("boom")
+}
+
+/// Tasks replaced by name, merged by key, refused by the per-request cap,
+/// skipped by the run policy, discarded with their request, forgotten,
+/// panicking, blocking, added late from a running task, and timed out by the
+/// request's budget before they started: after all of them, the bound holds
+/// exactly `n` pending tasks again (its count neither leaked nor went
+/// below the truth).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bound_counts_exactly_after_every_kind_of_ending() {
+    const BOUND: usize = 3;
+    let layer = BackgroundLayer::new()
+        .max_concurrent_tasks(1)
+        .max_pending_tasks(BOUND);
+    // Clones share the registry, so the bound and the counts.
+    let capped = layer.clone().max_tasks_per_request(4);
+    let budgeted = layer
+        .clone()
+        .request_time_budget(Duration::from_millis(100));
+    let handle = layer.handle();
+    exactly_bound_fit(&layer, &handle, BOUND).await;
+    let finish =
+        |layer: &BackgroundLayer, code: u16, queue: Box<dyn FnOnce(&BackgroundTasks) + Send>| {
+            let layer = layer.clone();
+            let handle = handle.clone();
+            async move {
+                let mut res = ok();
+                *res.status_mut() = StatusCode::from_u16(code).unwrap();
+                let res = call(&layer, res, queue).await;
+                res.into_body().collect().await.unwrap();
+                idle(&handle).await;
+            }
+        };
+    // Replaced by name, forgotten, refused by the cap.
+    finish(
+        &capped,
+        200,
+        Box::new(|t| {
+            t.named("x").add(async {});
+            t.named("x").add(async {});
+            t.named("y").add(async {});
+            assert_eq!(t.forget("y"), 1);
+            t.add(async {}); // the fourth add
+            t.add(async {}); // refused
+        }),
+    )
+    .await;
+    // Merged by key: the second request's task joins the first's while it
+    // waits for the permit.
+    let gate = blocker(&layer).await;
+    for _ in 0..2 {
+        let res = call(&layer, ok(), |t| t.options().coalesce("k").add(async {})).await;
+        res.into_body().collect().await.unwrap();
+    }
+    gate.notify_one();
+    idle(&handle).await;
+    // Skipped by the run policy, panicking, blocking.
+    finish(&layer, 500, Box::new(|t| t.add(async {}))).await;
+    finish(&layer, 200, Box::new(|t| t.add(boom()))).await;
+    finish(&layer, 200, Box::new(|t| t.add_blocking(|| ()))).await;
+    // Added late, from a running task of the same request.
+    finish(
+        &layer,
+        200,
+        Box::new(|t| {
+            let again = t.clone();
+            t.add(async move { again.add(async {}) });
+        }),
+    )
+    .await;
+    // Discarded: the request's future dropped before its response.
+    let svc = layer.layer(service_fn(|req: Request<()>| {
+        let t = req.extensions().get::<BackgroundTasks>().unwrap().clone();
+        t.add(async {});
+        std::future::pending::<Result<Response<Full<Bytes>>, Infallible>>()
+    }));
+    let mut fut = Box::pin(svc.oneshot(Request::new(())));
+    let mut cx = Context::from_waker(Waker::noop());
+    assert!(std::future::Future::poll(fut.as_mut(), &mut cx).is_pending());
+    assert_eq!(
+        handle.stats().pending,
+        1,
+        "the handler ran and added its task"
+    );
+    drop(fut);
+    idle(&handle).await;
+    // Timed out before starting: the first task spends the request's budget.
+    finish(
+        &budgeted,
+        200,
+        Box::new(|t| {
+            t.add(tokio::time::sleep(Duration::from_millis(300)));
+            t.add(async {});
+        }),
+    )
+    .await;
+    let s = handle.stats();
+    assert_eq!(s.total(), s.ended(), "{s:?}");
+    for (what, n) in [
+        ("replaced", s.replaced),
+        ("refused", s.refused),
+        ("skipped", s.skipped),
+        ("panicked", s.panicked),
+        ("discarded", s.discarded),
+        ("timed out", s.timed_out),
+    ] {
+        assert!(n >= 1, "no task {what}: {s:?}");
+    }
+    exactly_bound_fit(&layer, &handle, BOUND).await;
+}
