@@ -156,6 +156,33 @@ async fn bound_set_after_tasks_were_added_still_takes_requests_once_idle() {
     }
 }
 
+/// The documented sharing, with no traffic before the bound is set: a
+/// service made earlier from a clone without the setting is held by it too.
+#[tokio::test(flavor = "current_thread")]
+async fn a_service_made_before_the_bound_is_held_by_it() {
+    let plain = BackgroundLayer::new().max_concurrent_tasks(1);
+    let handle = plain.handle();
+    let mut early = one_task_service(&plain);
+    let _bounded = one_task_service(&plain.clone().max_pending_tasks(1));
+    let gate = blocker(&plain).await;
+    within("room", early.ready()).await.unwrap();
+    drop(early.call(Request::new(())).await.unwrap());
+    assert_eq!(handle.stats().pending, 1);
+    let (count, waker) = counting_waker();
+    assert!(poll_ready_with(&mut early, &waker).is_pending());
+    gate.notify_one();
+    within("the early service to be woken", async {
+        while count.0.load(SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    within("room again", early.ready()).await.unwrap();
+    drop(early.call(Request::new(())).await.unwrap());
+    idle(&handle).await;
+    assert_balanced(&handle.stats(), 3);
+}
+
 // ---------------------------------------------------------------------------
 // Services that stop waiting
 // ---------------------------------------------------------------------------
