@@ -1,9 +1,11 @@
 //! Attacks on the backpressure of `max_pending_tasks`: waiting services
-//! dropped at the head of the line and between live ones, services kept
-//! alive after they stopped waiting, load shedding on some services of a
-//! shared bound, a shutdown while thousands wait, a bound of 1 on a
-//! multi-thread runtime, HTTP/2 resets over real sockets, and a bound set
-//! after the layer's first traffic.
+//! dropped at the head of the line and between live ones (in process, by
+//! HTTP/2 resets and by HTTP/1.1 clients closing), services woken and then
+//! dropped, services kept alive after they stopped waiting, load shedding on
+//! one route of a shared bound, the order in which waiters are served, a
+//! shutdown while thousands wait, bounds of 1 on a multi-thread runtime, the
+//! bound's count after every kind of ending, and a bound set after the
+//! layer's first traffic.
 //!
 //! Expectations come from the docs of `BackgroundLayer::max_pending_tasks`
 //! and the README's "Running it in production": while `n` tasks are pending
