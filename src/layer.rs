@@ -223,9 +223,16 @@ impl BackgroundLayer {
     /// from a clone with this setting fixes it for all of them, including
     /// services made earlier from clones without it.
     ///
-    /// Waiting services are woken in order, about one per task that starts
-    /// or ends while the bound is reached; a service dropped while it waits
-    /// gives up its place.
+    /// Waiting services are served in the order they first asked: each task
+    /// that leaves the backlog (it starts, or ends without starting) wakes
+    /// about one of them, and one that finds room passes the turn on. A
+    /// service dropped while it waits gives up its place, and one dropped
+    /// after it was woken passes the turn on. A service that got `Pending`
+    /// must be polled again or dropped, as tower's contract expects (axum
+    /// and hyper-util make a clone per request and drop it): one kept
+    /// without being polled again (say, behind a `LoadShed` that keeps its
+    /// inner service after a refusal) can hold a turn, and a waiter behind
+    /// it waits for the next task to leave the backlog.
     ///
     /// # Panics
     ///

@@ -177,7 +177,7 @@ pub(crate) struct Registry {
     /// Over the request's time budget before they started.
     timed_out_pending: AtomicU64,
     /// `max_pending_tasks`: set once, by the first service made with it.
-    backlog: OnceLock<Backlog>,
+    backlog: OnceLock<Arc<Backlog>>,
     /// How many tasks were in flight when the layer closed; [`OPEN`] before.
     closed_in_flight: AtomicU64,
     /// Read on every poll of a running task: a line of its own.
@@ -262,7 +262,13 @@ impl Registry {
     fn unpend(&self, n: u64) {
         if let Some(backlog) = self.backlog.get() {
             let n = n as usize;
-            let after = backlog.pending.fetch_sub(n, SeqCst) - n;
+            // Saturating: tasks added before the bound was set were not
+            // counted into it.
+            let before = backlog
+                .pending
+                .fetch_update(SeqCst, SeqCst, |pending| Some(pending.saturating_sub(n)))
+                .unwrap_or_else(|pending| pending);
+            let after = before.saturating_sub(n);
             if after < backlog.limit {
                 // One waiting service per unit of room freed, and a few
                 // more in case a woken one is gone (a reset stream leaves its
@@ -276,12 +282,18 @@ impl Registry {
 
     /// Sets the bound of `max_pending_tasks` (the first setting wins).
     pub(crate) fn set_backlog(&self, limit: usize) {
-        let _ = self.backlog.set(Backlog {
+        if self.backlog.get().is_some() {
+            return;
+        }
+        // The tasks already pending count toward the bound (a task added
+        // meanwhile may be missed: the count saturates at zero).
+        let pending = self.stats().pending as usize;
+        let _ = self.backlog.set(Arc::new(Backlog {
             limit,
-            pending: AtomicUsize::new(0),
+            pending: AtomicUsize::new(pending),
             waiting: AtomicUsize::new(0),
             line: Mutex::default(),
-        });
+        }));
     }
 
     /// Whether a service may take a request: `Pending` while
@@ -298,14 +310,14 @@ impl Registry {
     ) -> std::task::Poll<()> {
         match self.backlog.get() {
             None => std::task::Poll::Ready(()),
-            Some(backlog) => self.poll_backlog(backlog, cx, ticket),
+            Some(backlog) => Self::poll_backlog(self, backlog, cx, ticket),
         }
     }
 
     #[inline(never)]
     fn poll_backlog(
         &self,
-        backlog: &Backlog,
+        backlog: &Arc<Backlog>,
         cx: &mut std::task::Context<'_>,
         ticket: &mut RoomTicket,
     ) -> std::task::Poll<()> {
@@ -321,19 +333,28 @@ impl Registry {
         if !full() {
             return room(ticket);
         }
-        let place = ticket.0.get_or_insert_with(Arc::default);
-        let join = {
+        let place = &ticket
+            .0
+            .get_or_insert_with(|| Waiting {
+                place: Arc::default(),
+                backlog: Arc::clone(backlog),
+            })
+            .place;
+        let (join, number) = {
             let mut me = place.lock().unwrap_or_else(PoisonError::into_inner);
             match &mut me.waker {
                 Some(waker) => waker.clone_from(cx.waker()),
                 None => me.waker = Some(cx.waker().clone()),
             }
+            me.woken = false;
             // Polled again while in the line: it keeps its place.
-            !std::mem::replace(&mut me.in_line, true)
+            (!std::mem::replace(&mut me.in_line, true), me.number)
         };
         // Not under the place's lock: the wake-ups lock the line, then places.
         if join {
-            backlog.line_up(Arc::downgrade(place));
+            // Back at its place if it was woken and found no room.
+            let number = backlog.line_up(Arc::downgrade(place), number);
+            place.lock().unwrap_or_else(PoisonError::into_inner).number = Some(number);
         }
         // Checked again after registering (`waiting` is written first): a
         // start in between sees us and wakes us.
@@ -638,7 +659,7 @@ impl Drop for IdleWaiter<'_> {
 
 /// The bound of `max_pending_tasks` and the services waiting for room.
 #[derive(Debug)]
-struct Backlog {
+pub(crate) struct Backlog {
     limit: usize,
     pending: AtomicUsize,
     /// `line.len()`, written under its lock: a start reads it without taking
@@ -652,7 +673,11 @@ struct Backlog {
 /// references to their places, gone once the service is dropped or got room.
 #[derive(Debug, Default)]
 struct Line {
-    places: VecDeque<Weak<Mutex<Place>>>,
+    /// In the order of their first arrival (the number), so that a service
+    /// woken at the head that found no room goes back to its place.
+    places: VecDeque<(u64, Weak<Mutex<Place>>)>,
+    /// The number of the next service to arrive.
+    next: u64,
     /// The length at which references to places that are gone are dropped
     /// (doubled each time, so that the sweep is amortized).
     sweep_at: usize,
@@ -666,16 +691,44 @@ struct Place {
     /// Whether the line holds a reference to it: a service polled again
     /// while it waits keeps its place (no search of the line).
     in_line: bool,
+    /// Taken out of the line and woken, not polled since.
+    woken: bool,
+    /// Its number in the line, from its first arrival.
+    number: Option<u64>,
 }
 
 /// A service's place in the line of `max_pending_tasks`, held while it waits
 /// for room. A clone of the service does not wait: its ticket is empty.
 #[derive(Debug, Default)]
-pub(crate) struct RoomTicket(Option<Arc<Mutex<Place>>>);
+pub(crate) struct RoomTicket(Option<Waiting>);
+
+/// What a waiting service holds.
+#[derive(Debug)]
+pub(crate) struct Waiting {
+    place: Arc<Mutex<Place>>,
+    backlog: Arc<Backlog>,
+}
 
 impl Clone for RoomTicket {
     fn clone(&self) -> Self {
         Self::default()
+    }
+}
+
+impl Drop for RoomTicket {
+    /// A service woken for room and dropped before it polled again (a
+    /// client that left) passes its wake-up on to the next in line.
+    fn drop(&mut self) {
+        if let Some(waiting) = self.0.take() {
+            let woken = waiting
+                .place
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .woken;
+            if woken {
+                waiting.backlog.wake(1);
+            }
+        }
     }
 }
 
@@ -699,7 +752,7 @@ impl Backlog {
         let mut woken = Vec::new();
         let mut line = self.line.lock().unwrap_or_else(PoisonError::into_inner);
         while woken.len() < n {
-            let Some(place) = line.places.pop_front() else {
+            let Some((_, place)) = line.places.pop_front() else {
                 break;
             };
             // A service dropped while it waited, or one that found room
@@ -707,6 +760,7 @@ impl Backlog {
             if let Some(place) = place.upgrade() {
                 let mut place = place.lock().unwrap_or_else(PoisonError::into_inner);
                 place.in_line = false;
+                place.woken = true;
                 if let Some(waker) = place.waker.take() {
                     woken.push(waker);
                 }
@@ -719,15 +773,30 @@ impl Backlog {
         }
     }
 
-    /// Puts a service at the end of the line.
-    fn line_up(&self, place: Weak<Mutex<Place>>) {
+    /// Puts a service in the line: at the end when it first arrives (`None`:
+    /// returns its number), else back at its place (a service woken at the
+    /// head that found no room, among the few that did the same).
+    fn line_up(&self, place: Weak<Mutex<Place>>, number: Option<u64>) -> u64 {
         let mut line = self.line.lock().unwrap_or_else(PoisonError::into_inner);
         if line.places.len() >= line.sweep_at {
-            line.places.retain(|place| place.strong_count() > 0);
+            line.places.retain(|(_, place)| place.strong_count() > 0);
             line.sweep_at = (2 * line.places.len()).max(1024);
         }
-        line.places.push_back(place);
+        let number = match number {
+            Some(number) => {
+                let at = line.places.partition_point(|&(other, _)| other < number);
+                line.places.insert(at, (number, place));
+                number
+            }
+            None => {
+                let number = line.next;
+                line.next += 1;
+                line.places.push_back((number, place));
+                number
+            }
+        };
         self.waiting.store(line.places.len(), SeqCst);
+        number
     }
 }
 
