@@ -198,7 +198,9 @@
 //     to ended: phase word, drain token, dispatch, the runner)
 //   handle → registry
 //   request → observe → job → config → ending → registry → sync;
-//   request → limit → sync; config → limit; completion is used by all.
+//   request → limit → sync; config → limit; completion is used by all;
+//   service, registry → backlog (max_pending_tasks) → sync.
+mod backlog;
 mod body;
 mod completion;
 mod config;

@@ -20,14 +20,15 @@
 //! A task's path: `admit` (add) → `start` (its first poll) → `end` (bucket),
 //! or `admit` → `end` without a start (discarded or cancelled while pending).
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::HashSet;
 use std::pin::pin;
 use std::sync::atomic::Ordering::SeqCst;
-use std::sync::{Arc, OnceLock, PoisonError, Weak};
+use std::sync::{Arc, OnceLock, PoisonError};
 use std::task::Waker;
 
 use tokio::sync::Notify;
 
+use crate::backlog::{Backlog, RoomTicket};
 use crate::sync::{AtomicBool, AtomicU64, AtomicUsize, CachePadded, Mutex};
 
 /// Counts of a layer's tasks, as returned by
@@ -235,7 +236,7 @@ impl Registry {
         self.added.fetch_add(1, SeqCst);
         if old & CLOSED == 0 {
             if let Some(backlog) = self.backlog.get() {
-                backlog.pending.fetch_add(1, SeqCst);
+                backlog.enter();
             }
             return true;
         }
@@ -257,26 +258,10 @@ impl Registry {
         true
     }
 
-    /// Counts `n` tasks out of the backlog of `max_pending_tasks`, and wakes
-    /// the services waiting for room.
+    /// Counts `n` tasks out of the backlog of `max_pending_tasks`.
     fn unpend(&self, n: u64) {
         if let Some(backlog) = self.backlog.get() {
-            let n = n as usize;
-            // Saturating: tasks added before the bound was set were not
-            // counted into it.
-            let before = backlog
-                .pending
-                .fetch_update(SeqCst, SeqCst, |pending| Some(pending.saturating_sub(n)))
-                .unwrap_or_else(|pending| pending);
-            let after = before.saturating_sub(n);
-            if after < backlog.limit {
-                // One waiting service per unit of room freed, and a few
-                // more in case a woken one is gone (a reset stream leaves its
-                // waker behind); each that finds room passes it on to the
-                // next (`poll_backlog`). Not all of them: n waiting services
-                // would cost n² polls to serve.
-                backlog.wake(n.min(backlog.limit - after) + SPARE_WAKEUPS);
-            }
+            backlog.leave(n as usize);
         }
     }
 
@@ -288,20 +273,11 @@ impl Registry {
         // The tasks already pending count toward the bound (a task added
         // meanwhile may be missed: the count saturates at zero).
         let pending = self.stats().pending as usize;
-        let _ = self.backlog.set(Arc::new(Backlog {
-            limit,
-            pending: AtomicUsize::new(pending),
-            waiting: AtomicUsize::new(0),
-            line: Mutex::default(),
-        }));
+        let _ = self.backlog.set(Arc::new(Backlog::new(limit, pending)));
     }
 
     /// Whether a service may take a request: `Pending` while
-    /// `max_pending_tasks` tasks are pending (woken when one starts or ends).
-    ///
-    /// `ticket` is the calling service's: while it waits, it marks the
-    /// service's place in the line as live, so that a service dropped while
-    /// it waits (a reset stream) is skipped by the wake-ups.
+    /// `max_pending_tasks` tasks are pending (see [`Backlog::poll_room`]).
     #[inline]
     pub(crate) fn poll_room(
         &self,
@@ -310,58 +286,7 @@ impl Registry {
     ) -> std::task::Poll<()> {
         match self.backlog.get() {
             None => std::task::Poll::Ready(()),
-            Some(backlog) => Self::poll_backlog(self, backlog, cx, ticket),
-        }
-    }
-
-    #[inline(never)]
-    fn poll_backlog(
-        &self,
-        backlog: &Arc<Backlog>,
-        cx: &mut std::task::Context<'_>,
-        ticket: &mut RoomTicket,
-    ) -> std::task::Poll<()> {
-        let full = || backlog.pending.load(SeqCst) >= backlog.limit && !self.is_closed();
-        let room = |ticket: &mut RoomTicket| {
-            // Out of the line (its entry, if still there, is skipped); the
-            // next waiting service gets its turn too: it passes it on in
-            // turn, or waits again if the room is gone.
-            ticket.0 = None;
-            backlog.wake(1);
-            std::task::Poll::Ready(())
-        };
-        if !full() {
-            return room(ticket);
-        }
-        let place = &ticket
-            .0
-            .get_or_insert_with(|| Waiting {
-                place: Arc::default(),
-                backlog: Arc::clone(backlog),
-            })
-            .place;
-        let (join, number) = {
-            let mut me = place.lock().unwrap_or_else(PoisonError::into_inner);
-            match &mut me.waker {
-                Some(waker) => waker.clone_from(cx.waker()),
-                None => me.waker = Some(cx.waker().clone()),
-            }
-            me.woken = false;
-            // Polled again while in the line: it keeps its place.
-            (!std::mem::replace(&mut me.in_line, true), me.number)
-        };
-        // Not under the place's lock: the wake-ups lock the line, then places.
-        if join {
-            // Back at its place if it was woken and found no room.
-            let number = backlog.line_up(Arc::downgrade(place), number);
-            place.lock().unwrap_or_else(PoisonError::into_inner).number = Some(number);
-        }
-        // Checked again after registering (`waiting` is written first): a
-        // start in between sees us and wakes us.
-        if full() {
-            std::task::Poll::Pending
-        } else {
-            room(ticket)
+            Some(backlog) => backlog.poll_room(cx, ticket, || self.is_closed()),
         }
     }
 
@@ -473,7 +398,7 @@ impl Registry {
         }
         drop(wakers);
         if let Some(backlog) = self.backlog.get() {
-            backlog.wake(usize::MAX);
+            backlog.wake_all();
         }
         self.settle();
     }
@@ -654,149 +579,6 @@ impl<'a> IdleWaiter<'a> {
 impl Drop for IdleWaiter<'_> {
     fn drop(&mut self) {
         self.0.idle_waiters.fetch_sub(1, SeqCst);
-    }
-}
-
-/// The bound of `max_pending_tasks` and the services waiting for room.
-#[derive(Debug)]
-pub(crate) struct Backlog {
-    limit: usize,
-    pending: AtomicUsize,
-    /// `line.len()`, written under its lock: a start reads it without taking
-    /// the lock when nobody waits.
-    waiting: AtomicUsize,
-    /// Services waiting for room, oldest first.
-    line: Mutex<Line>,
-}
-
-/// The services waiting for room of `max_pending_tasks`, oldest first: weak
-/// references to their places, gone once the service is dropped or got room.
-#[derive(Debug, Default)]
-struct Line {
-    /// In the order of their first arrival (the number), so that a service
-    /// woken at the head that found no room goes back to its place.
-    places: VecDeque<(u64, Weak<Mutex<Place>>)>,
-    /// The number of the next service to arrive.
-    next: u64,
-    /// The length at which references to places that are gone are dropped
-    /// (doubled each time, so that the sweep is amortized).
-    sweep_at: usize,
-}
-
-/// A waiting service's place in the line.
-#[derive(Debug, Default)]
-struct Place {
-    /// The waker of its latest poll.
-    waker: Option<Waker>,
-    /// Whether the line holds a reference to it: a service polled again
-    /// while it waits keeps its place (no search of the line).
-    in_line: bool,
-    /// Taken out of the line and woken, not polled since.
-    woken: bool,
-    /// Its number in the line, from its first arrival.
-    number: Option<u64>,
-}
-
-/// A service's place in the line of `max_pending_tasks`, held while it waits
-/// for room. A clone of the service does not wait: its ticket is empty.
-#[derive(Debug, Default)]
-pub(crate) struct RoomTicket(Option<Waiting>);
-
-/// What a waiting service holds.
-#[derive(Debug)]
-pub(crate) struct Waiting {
-    place: Arc<Mutex<Place>>,
-    backlog: Arc<Backlog>,
-}
-
-impl Clone for RoomTicket {
-    fn clone(&self) -> Self {
-        Self::default()
-    }
-}
-
-impl Drop for RoomTicket {
-    /// A service woken for room and dropped before it polled again (a
-    /// client that left) passes its wake-up on to the next in line.
-    fn drop(&mut self) {
-        if let Some(waiting) = self.0.take() {
-            let woken = waiting
-                .place
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .woken;
-            if woken {
-                waiting.backlog.wake(1);
-            }
-        }
-    }
-}
-
-/// Services woken beyond the room freed by a start: a woken service may be
-/// gone, and would pass the room on to nobody.
-const SPARE_WAKEUPS: usize = 2;
-
-impl Backlog {
-    /// Wakes up to `n` of the services waiting for room, oldest first;
-    /// services that stopped waiting (dropped, or got room) are taken out of
-    /// the line without counting.
-    #[inline]
-    fn wake(&self, n: usize) {
-        if n > 0 && self.waiting.load(SeqCst) > 0 {
-            self.wake_waiting(n);
-        }
-    }
-
-    #[inline(never)]
-    fn wake_waiting(&self, n: usize) {
-        let mut woken = Vec::new();
-        let mut line = self.line.lock().unwrap_or_else(PoisonError::into_inner);
-        while woken.len() < n {
-            let Some((_, place)) = line.places.pop_front() else {
-                break;
-            };
-            // A service dropped while it waited, or one that found room
-            // since: skipped, not counted.
-            if let Some(place) = place.upgrade() {
-                let mut place = place.lock().unwrap_or_else(PoisonError::into_inner);
-                place.in_line = false;
-                place.woken = true;
-                if let Some(waker) = place.waker.take() {
-                    woken.push(waker);
-                }
-            }
-        }
-        self.waiting.store(line.places.len(), SeqCst);
-        drop(line);
-        for waker in woken {
-            waker.wake();
-        }
-    }
-
-    /// Puts a service in the line: at the end when it first arrives (`None`:
-    /// returns its number), else back at its place (a service woken at the
-    /// head that found no room, among the few that did the same).
-    fn line_up(&self, place: Weak<Mutex<Place>>, number: Option<u64>) -> u64 {
-        let mut line = self.line.lock().unwrap_or_else(PoisonError::into_inner);
-        if line.places.len() >= line.sweep_at {
-            line.places.retain(|(_, place)| place.strong_count() > 0);
-            line.sweep_at = (2 * line.places.len()).max(1024);
-        }
-        let number = match number {
-            Some(number) => {
-                let at = line.places.partition_point(|&(other, _)| other < number);
-                line.places.insert(at, (number, place));
-                number
-            }
-            None => {
-                let number = line.next;
-                line.next += 1;
-                line.places.push_back((number, place));
-                number
-            }
-        };
-        self.waiting.store(line.places.len(), SeqCst);
-        number
     }
 }
 

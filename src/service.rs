@@ -9,9 +9,9 @@ use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
+use crate::backlog::RoomTicket;
 use crate::body::BackgroundBody;
 use crate::config::Config;
-use crate::registry::RoomTicket;
 use crate::request::{NoResponse, RequestQueue, Shared};
 use crate::{BackgroundHandle, BackgroundTasks};
 
