@@ -252,15 +252,17 @@ impl RequestQueue {
     pub(crate) fn new<B>(shared: Arc<Shared>, req: &http::Request<B>) -> Self {
         // The hook sees the method, path and route; the metrics label the
         // route only, never the raw path (unbounded).
+        let observed =
+            tracing::level_enabled!(tracing::Level::INFO) || shared.config.on_task_end.is_some();
+        // Looked up only where something will read it.
         #[cfg(feature = "axum")]
-        let route = req.extensions().get::<axum::extract::MatchedPath>();
+        let route = (observed || cfg!(feature = "metrics"))
+            .then(|| req.extensions().get::<axum::extract::MatchedPath>())
+            .flatten();
         #[cfg(feature = "axum")]
-        let labelled = cfg!(feature = "metrics") && route.is_some();
+        let wanted = observed || route.is_some();
         #[cfg(not(feature = "axum"))]
-        let labelled = false;
-        let wanted = labelled
-            || tracing::level_enabled!(tracing::Level::INFO)
-            || shared.config.on_task_end.is_some();
+        let wanted = observed;
         let request = wanted.then(|| {
             Box::new(RequestInfo {
                 method: req.method().clone(),
