@@ -243,3 +243,43 @@ fn the_route_label_is_the_matched_template_never_the_raw_path() {
         other => panic!("no run-time histogram by route: {other:?}"),
     }
 }
+
+/// `route_layer` sees the matched route too, as the docs of `TaskEnd::route`
+/// say.
+#[tokio::test]
+async fn route_layer_sees_the_matched_route() {
+    use axum::routing::get;
+    use axum::Router;
+    use std::sync::{Arc, Mutex};
+
+    let routes = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&routes);
+    let layer = BackgroundLayer::new().on_task_end(move |end| {
+        seen.lock().unwrap().push(end.route.map(str::to_owned));
+    });
+    let app = Router::new()
+        .route(
+            "/orders/{id}",
+            get(|tasks: BackgroundTasks| async move {
+                tasks.add(async {});
+                "ok"
+            }),
+        )
+        .route_layer(layer.clone());
+    let res = app
+        .oneshot(
+            Request::get("/orders/42")
+                .body(axum::body::Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    res.into_body().collect().await.unwrap();
+    tokio::time::timeout(LIMIT, layer.handle().wait_idle())
+        .await
+        .expect("idle");
+    // The hook runs right after the count: on this current-thread runtime it
+    // has run by the time wait_idle returns.
+    assert_eq!(*routes.lock().unwrap(), [Some("/orders/{id}".to_owned())]);
+}
